@@ -1,0 +1,25 @@
+"""Exceptions with messages meant for users: the CLI prints them as one line."""
+
+from __future__ import annotations
+
+__all__ = ["VitExplainError", "ModelFileError", "ImageError", "ExportError", "ParityError"]
+
+
+class VitExplainError(Exception):
+    """Base class: anything vit-explain reports to a user without a traceback."""
+
+
+class ModelFileError(VitExplainError):
+    """The file is not a usable vit-explain model (missing, truncated, foreign ONNX, newer format)."""
+
+
+class ImageError(VitExplainError):
+    """An input image cannot be read or is refused (not an image, truncated, decompression bomb)."""
+
+
+class ExportError(VitExplainError):
+    """A timm model cannot be exported (unsupported architecture, weights not available, bad checkpoint)."""
+
+
+class ParityError(ExportError):
+    """The exported graph disagrees with the eager PyTorch model beyond tolerance: nothing is saved."""
