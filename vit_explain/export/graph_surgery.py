@@ -1,0 +1,79 @@
+"""Make the backward half of the exported graph optional, inside the same file.
+
+onnxruntime executes every node of a graph whatever outputs are requested, so a graph that
+returns attention gradients would make plain rollout pay for a backward pass. Rather than
+storing a second, forward-only model (and the weights twice), the nodes that only the gradient
+output needs are moved into the ``then`` branch of an ``If`` on a boolean input
+``compute_gradients``; the ``else`` branch returns an empty tensor. Forward values and weights
+are read from the outer scope, so everything is stored once.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from ..metadata import INPUT_COMPUTE_GRADIENTS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS, OUTPUT_LOGITS
+
+__all__ = ["make_gradients_optional"]
+
+_GRADIENT_DIMS = ["layers", "batch", "heads", "tokens", "tokens"]
+
+
+def _forward_closure(graph: onnx.GraphProto, outputs: list[str]) -> set[int]:
+    """Indices of the nodes needed to compute ``outputs``."""
+    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    needed: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        index = producer.get(stack.pop())
+        if index is None or index in needed:
+            continue
+        needed.add(index)
+        stack.extend(graph.node[index].input)
+    return needed
+
+
+def make_gradients_optional(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of ``model`` whose gradient output is computed only when asked for."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    forward_nodes = _forward_closure(graph, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+    forward = [node for index, node in enumerate(graph.node) if index in forward_nodes]
+    backward = [node for index, node in enumerate(graph.node) if index not in forward_nodes]
+    if not backward:
+        raise ValueError("the graph has no gradient nodes to make optional")
+
+    inner_name = OUTPUT_GRADIENTS + "_computed"
+    for node in backward:
+        for k, name in enumerate(node.output):
+            if name == OUTPUT_GRADIENTS:
+                node.output[k] = inner_name
+    backward_values = {name for node in backward for name in node.output}
+    then_value_info = [vi for vi in graph.value_info if vi.name in backward_values]
+    outer_value_info = [vi for vi in graph.value_info if vi.name not in backward_values]
+
+    dynamic = helper.make_tensor_value_info(inner_name, TensorProto.FLOAT, _GRADIENT_DIMS)
+    then_branch = helper.make_graph(backward, "attention_gradients", [], [dynamic], value_info=then_value_info)
+    empty = helper.make_tensor("no_gradients", TensorProto.FLOAT, [0, 0, 0, 0, 0], [])
+    else_branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["no_gradients"], value=empty)],
+        "no_attention_gradients",
+        [],
+        [helper.make_tensor_value_info("no_gradients", TensorProto.FLOAT, _GRADIENT_DIMS)],
+    )
+    branch = helper.make_node(
+        "If", [INPUT_COMPUTE_GRADIENTS], [OUTPUT_GRADIENTS], name="optional_backward",
+        then_branch=then_branch, else_branch=else_branch,
+    )
+
+    del graph.node[:]
+    graph.node.extend(forward + [branch])
+    del graph.value_info[:]
+    graph.value_info.extend(outer_value_info)
+    graph.input.append(helper.make_tensor_value_info(INPUT_COMPUTE_GRADIENTS, TensorProto.BOOL, []))
+    for output in graph.output:
+        if output.name == OUTPUT_GRADIENTS:
+            output.CopyFrom(helper.make_tensor_value_info(OUTPUT_GRADIENTS, TensorProto.FLOAT, _GRADIENT_DIMS))
+    onnx.checker.check_model(model)
+    return model

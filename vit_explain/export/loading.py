@@ -1,0 +1,158 @@
+"""Build the timm model to export: pretrained, random (seeded) or from a local checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import ExportError
+
+__all__ = ["ModelSpec", "build_model", "parse_img_size", "weights_sha256", "class_names_for"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked to export."""
+
+    name: str
+    weights: str = "pretrained"  # "pretrained", "random" or a checkpoint path
+    seed: int = 0
+    img_size: tuple[int, int] | None = None  # (height, width); None keeps the model's default
+    num_classes: int | None = None  # None keeps the model's default (or the checkpoint's head)
+
+    @property
+    def weights_label(self) -> str:
+        if self.weights == "random":
+            return f"random(seed={self.seed})"
+        if self.weights == "pretrained":
+            return "pretrained"
+        return Path(self.weights).name
+
+
+def parse_img_size(text: str | None) -> tuple[int, int] | None:
+    """``"384"`` -> (384, 384); ``"224x320"`` -> (224, 320) (height x width)."""
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"image size {text!r} is not N or HxW (for example 384 or 224x320)") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise ValueError(f"image size {text!r} is not N or HxW (for example 384 or 224x320)")
+    return sizes[0], sizes[1]
+
+
+def _create(spec: ModelSpec, pretrained: bool, **overrides) -> nn.Module:
+    kwargs: dict = dict(overrides)
+    if spec.img_size is not None:
+        kwargs["img_size"] = spec.img_size
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    try:
+        return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            close = timm.list_models(f"*{spec.name.split('_')[0]}*")[:5]
+            hint = f" (did you mean one of: {', '.join(close)})" if close else ""
+            raise ExportError(f"unknown timm model {spec.name!r}{hint}") from None
+        raise
+
+
+def _load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a local state dict the way timm does: its checkpoint filter and position-embedding resampling."""
+    if not path.is_file():
+        raise ExportError(f"checkpoint file not found: {path}")
+    try:
+        state_dict = timm.models.load_state_dict(str(path), use_ema=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a checkpoint"
+        raise ExportError(f"cannot read checkpoint {path}: {exc}") from None
+    module = importlib.import_module(type(model).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    result = model.load_state_dict(state_dict, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {_first(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {_first(result.unexpected_keys)}")
+    if problems:
+        raise ExportError(
+            f"checkpoint {path.name} does not fit {type(model).__name__}: {'; '.join(problems)} "
+            "(check the model name, --num-classes and --img-size)"
+        )
+
+
+def _first(keys: list[str], count: int = 4) -> str:
+    shown = ", ".join(keys[:count])
+    more = f" and {len(keys) - count} more" if len(keys) > count else ""
+    return f"[{shown}{more}]"
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The eval-mode timm model for ``spec``; never silently random when weights were asked for."""
+    if spec.weights == "random":
+        torch.manual_seed(spec.seed)
+        model = _create(spec, pretrained=False)
+    elif spec.weights == "pretrained":
+        try:
+            model = _create(spec, pretrained=True)
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(
+                f"pretrained weights for {spec.name} could not be loaded ({type(exc).__name__}: {reason[:200]}). "
+                "Without network access, pass a local state dict with --weights PATH "
+                "(or --weights random for a test model)"
+            ) from None
+    else:
+        model = _create(spec, pretrained=False)
+        _load_checkpoint(model, Path(spec.weights))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A stable hash of the parameters and buffers actually exported (provenance in the artifact)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def class_names_for(model: nn.Module, num_outputs: int, names_file: Path | None = None) -> tuple[str, ...]:
+    """Class names: from ``names_file`` (one per line), else timm's ImageNet names when they fit."""
+    if names_file is not None:
+        names = [line.strip() for line in Path(names_file).read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n]
+        if len(names) != num_outputs:
+            raise ExportError(
+                f"{names_file} has {len(names)} class names but the model has {num_outputs} classes"
+            )
+        return tuple(names)
+    if not getattr(model, "num_classes", 0):
+        return ()
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset is None:
+            return ()
+        info = ImageNetInfo(subset)
+        if info.num_classes() != num_outputs:
+            return ()
+        return tuple(info.index_to_description(i) for i in range(num_outputs))
+    except Exception:  # noqa: BLE001 - names are a convenience, never a reason to fail an export
+        return ()

@@ -1,0 +1,103 @@
+"""Trace forward + attention gradients of a timm ViT into one ONNX graph.
+
+Exporting a module that calls autograd inside ``forward`` fails (or is silently wrong), so the
+backward pass is traced first: ``make_fx`` with the core ATen decompositions records the forward
+and the ``torch.autograd.grad`` call as one plain graph of ATen ops with a symbolic batch size,
+and that graph is what ``torch.onnx.export(dynamo=True)`` translates. The attention
+probabilities are captured by the reference's :class:`AttentionRecorder` hooks, so the graph
+and the eager reference tap the very same tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import onnx
+import torch
+from torch import nn
+
+from ..metadata import (
+    INPUT_CLASS_WEIGHTS,
+    INPUT_PIXELS,
+    OUTPUT_ATTENTIONS,
+    OUTPUT_GRADIENTS,
+    OUTPUT_LOGITS,
+)
+from ..reference import AttentionRecorder
+
+__all__ = ["DEFAULT_OPSET", "trace_explain_graph", "export_onnx"]
+
+DEFAULT_OPSET = 20
+
+
+def _explain_function(model: nn.Module, recorder: AttentionRecorder):
+    """``(pixels, class_weights) -> (logits, attentions, d score / d attentions)``, score = sum(logits * w)."""
+
+    def explain(pixel_values: torch.Tensor, class_weights: torch.Tensor):
+        recorder.reset()
+        with torch.enable_grad():
+            # The parameters are frozen; the input carries requires_grad so that the attention
+            # probabilities are part of an autograd graph. autograd.grad only differentiates the
+            # paths that lead to the attentions, so no input or weight gradient is computed.
+            pixels = pixel_values.detach().requires_grad_(True)
+            logits = model(pixels)
+            attentions = list(recorder.attentions)
+            score = (logits * class_weights).sum()
+            gradients = torch.autograd.grad(score, attentions)
+        return logits, torch.stack(attentions), torch.stack(gradients)
+
+    return explain
+
+
+def trace_explain_graph(model: nn.Module, example_pixels: torch.Tensor, num_outputs: int) -> torch.fx.GraphModule:
+    """An FX graph of forward + attention gradients with a symbolic batch dimension."""
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    example_weights = torch.zeros(example_pixels.shape[0], num_outputs)
+    with AttentionRecorder(model) as recorder:
+        explain = _explain_function(model, recorder)
+        return make_fx(
+            explain,
+            decomposition_table=core_aten_decompositions(),
+            tracing_mode="symbolic",
+            _allow_non_fake_inputs=True,  # the model's parameters become graph constants
+        )(example_pixels, example_weights)
+
+
+def export_onnx(
+    graph: torch.fx.GraphModule,
+    example_pixels: torch.Tensor,
+    num_outputs: int,
+    opset: int = DEFAULT_OPSET,
+    max_batch: int = 4096,
+) -> onnx.ModelProto:
+    """Translate the traced graph to ONNX (standard operators only), batch dimension dynamic."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    example_weights = torch.zeros(example_pixels.shape[0], num_outputs)
+    # torch.onnx prints progress lines (with print) and a few benign warnings (training-mode flag
+    # on an FX graph, merged dynamic-axis names); a user exporting a model does not need them.
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph,
+                (example_pixels, example_weights),
+                input_names=[INPUT_PIXELS, INPUT_CLASS_WEIGHTS],
+                output_names=[OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS],
+                dynamic_shapes=({0: batch}, {0: batch}),
+                dynamo=True,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    return program.model_proto
+

@@ -1,0 +1,229 @@
+"""The PyTorch reference: eager timm + hooks, written the plain way, with the original tool's bugs fixed.
+
+It is the yardstick the parity tests and ``export``'s check measure the ONNX engine against,
+so it deliberately computes things the straightforward (slow) way:
+
+* attention probabilities are captured by forward hooks on every block's ``attn_drop`` (with
+  timm's fused attention switched off, since ``F.scaled_dot_product_attention`` never calls
+  ``attn_drop``), appended in call order, which is layer order;
+* gradients are captured with ``Tensor.register_hook`` on those very tensors, stored by layer
+  index (backward runs last layer first: the original paired them the wrong way round), after
+  the softmax (the legacy ``register_backward_hook`` saw pre-softmax gradients);
+* rollout multiplies the full ``N x N`` matrices, discards per batch item (not item 0 only),
+  normalises rows with ``keepdim`` and keeps no state between calls.
+
+The engine (``vit_explain.runtime.rollout``) computes only the class-token row instead, so the
+two share no maths code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AttentionRecorder",
+    "attention_modules",
+    "ReferenceOutputs",
+    "TorchReference",
+    "torch_rollout",
+    "one_hot",
+]
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules whose probabilities pass through ``attn_drop``, in block order.
+
+    Any timm attention with a ``fused_attn`` switch and an ``attn_drop`` module qualifies
+    (ViT/DeiT ``Attention``, EVA and BEiT attention). The caller checks the count against
+    ``len(model.blocks)``.
+    """
+    found = []
+    for module in model.modules():
+        if hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module):
+            found.append(module)
+    return found
+
+
+class AttentionRecorder(contextlib.AbstractContextManager):
+    """Records every layer's post-softmax attention probabilities during a forward pass.
+
+    Used as a context manager: fused attention is turned off for its duration (and restored
+    after), and hooks are removed on exit, so a model is never left modified. ``attentions``
+    is emptied by :meth:`reset`, which callers invoke before each forward pass.
+    """
+
+    def __init__(self, model: nn.Module, capture_gradients: bool = False) -> None:
+        self.model = model
+        self.capture_gradients = capture_gradients
+        self.modules = attention_modules(model)
+        self.attentions: list[torch.Tensor] = []
+        self.gradients: dict[int, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._fused_before: list[bool] = []
+
+    def __enter__(self) -> "AttentionRecorder":
+        self._fused_before = [bool(m.fused_attn) for m in self.modules]
+        for module in self.modules:
+            module.fused_attn = False
+            self._handles.append(module.attn_drop.register_forward_hook(self._on_attention))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, fused in zip(self.modules, self._fused_before):
+            module.fused_attn = fused
+
+    def reset(self) -> None:
+        self.attentions = []
+        self.gradients = {}
+
+    def _on_attention(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        layer = len(self.attentions)
+        self.attentions.append(output)
+        if self.capture_gradients and output.requires_grad:
+
+            def store(grad: torch.Tensor, layer: int = layer) -> None:
+                self.gradients[layer] = grad
+
+            output.register_hook(store)
+
+
+@dataclass
+class ReferenceOutputs:
+    logits: torch.Tensor  # [B, C]
+    attentions: torch.Tensor  # [L, B, heads, N, N]
+    gradients: torch.Tensor | None  # [L, B, heads, N, N]
+
+
+def _fuse_heads(attention: torch.Tensor, head_fusion: str) -> torch.Tensor:
+    if head_fusion == "mean":
+        return attention.mean(dim=1)
+    if head_fusion == "max":
+        return attention.max(dim=1).values
+    if head_fusion == "min":
+        return attention.min(dim=1).values
+    raise ValueError(f"unknown head fusion {head_fusion!r}")
+
+
+def torch_rollout(
+    attentions: Sequence[torch.Tensor],
+    gradients: Sequence[torch.Tensor] | None,
+    head_fusion: str,
+    discard_ratio: float,
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+) -> torch.Tensor:
+    """Rollout with the full ``N x N`` product, as the original tool did (defects fixed).
+
+    Returns the raw (unscaled) relevance of the patch tokens, ``[B, num_patches]``.
+    With gradients, each layer's map is ``clamp(fuse(A * G), min=0)`` (gradient rollout).
+    """
+    batch, _, tokens, _ = attentions[0].shape
+    eye = torch.eye(tokens, dtype=torch.float64)
+    result = eye.expand(batch, tokens, tokens).clone()
+    with torch.no_grad():
+        for layer, attention in enumerate(attentions):
+            attention = attention.double()
+            if gradients is not None:
+                fused = _fuse_heads(attention * gradients[layer].double(), head_fusion).clamp(min=0)
+            else:
+                fused = _fuse_heads(attention, head_fusion)
+            flat = fused.reshape(batch, -1).clone()
+            drop = int(flat.shape[-1] * discard_ratio)
+            if drop > 0:
+                for item in range(batch):
+                    _, lowest = flat[item].topk(drop, largest=False)
+                    lowest = lowest[lowest != 0]  # never the class token's own attention
+                    flat[item, lowest] = 0
+            fused = flat.reshape(batch, tokens, tokens)
+            a = (fused + eye) / 2
+            a = a / a.sum(dim=-1, keepdim=True)
+            result = a @ result
+    if has_class_token:
+        row = result[:, 0, num_prefix_tokens:]
+    else:  # no class token: the mean of the patch tokens' rows
+        row = result[:, num_prefix_tokens:, num_prefix_tokens:].mean(dim=1)
+    return row.float()
+
+
+class TorchReference:
+    """Eager-model attentions, gradients and rollout masks for a timm Vision Transformer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        self.has_class_token = getattr(model, "cls_token", None) is not None
+        self.grid_size = tuple(model.patch_embed.grid_size)
+
+    def outputs(self, pixel_values: torch.Tensor, class_weights: torch.Tensor | None = None) -> ReferenceOutputs:
+        """Logits and attentions, plus d(sum(logits * class_weights))/d(attention) when weights are given."""
+        want_grad = class_weights is not None
+        with AttentionRecorder(self.model, capture_gradients=want_grad) as recorder:
+            recorder.reset()
+            if not want_grad:
+                with torch.no_grad():
+                    logits = self.model(pixel_values)
+                return ReferenceOutputs(logits, torch.stack(recorder.attentions), None)
+            with torch.enable_grad():
+                pixels = pixel_values.detach().clone().requires_grad_(True)
+                logits = self.model(pixels)
+                score = (logits * class_weights).sum()
+                self.model.zero_grad(set_to_none=True)
+                score.backward()
+            layers = len(recorder.attentions)
+            gradients = torch.stack([recorder.gradients[i] for i in range(layers)])
+            return ReferenceOutputs(
+                logits.detach(), torch.stack(recorder.attentions).detach(), gradients.detach()
+            )
+
+    def masks(
+        self,
+        pixel_values: torch.Tensor,
+        method: str = "rollout",
+        head_fusion: str = "max",
+        discard_ratio: float = 0.9,
+        category_index: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Masks ``[B, grid_h, grid_w]`` scaled to max 1, for ``rollout`` or ``grad_rollout``."""
+        if method == "rollout":
+            out = self.outputs(pixel_values)
+            row = torch_rollout(
+                list(out.attentions), None, head_fusion, discard_ratio,
+                self.num_prefix_tokens, self.has_class_token,
+            )
+        elif method == "grad_rollout":
+            if category_index is None:
+                raise ValueError("grad_rollout needs category_index")
+            weights = one_hot(category_index, pixel_values.shape[0], self.num_outputs(pixel_values))
+            out = self.outputs(pixel_values, weights)
+            row = torch_rollout(
+                list(out.attentions), list(out.gradients), head_fusion, discard_ratio,
+                self.num_prefix_tokens, self.has_class_token,
+            )
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        peak = row.max(dim=-1, keepdim=True).values
+        row = torch.where(peak > 0, row / torch.where(peak > 0, peak, 1), torch.zeros_like(row))
+        return row.reshape(row.shape[0], *self.grid_size)
+
+    def num_outputs(self, pixel_values: torch.Tensor) -> int:
+        num = getattr(self.model, "num_classes", 0)
+        if num:
+            return int(num)
+        return int(self.model.num_features)
+
+
+def one_hot(category_index: Sequence[int], batch: int, num_outputs: int) -> torch.Tensor:
+    indices = list(category_index)
+    if len(indices) == 1 and batch > 1:
+        indices = indices * batch
+    weights = torch.zeros(batch, num_outputs)
+    weights[torch.arange(batch), torch.tensor(indices)] = 1.0
+    return weights

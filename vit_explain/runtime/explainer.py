@@ -1,0 +1,174 @@
+"""The public entry point: images in, masks and predictions out. No torch anywhere."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from ..metadata import ModelMetadata
+from .images import load_image
+from .preprocess import preprocess_batch
+from .rollout import HEAD_FUSIONS, METHODS, rollout_masks
+from .session import ModelSession
+
+__all__ = ["DEFAULT_HEAD_FUSION", "DEFAULT_DISCARD_RATIO", "Explanation", "Explainer", "softmax"]
+
+#: The original tool's defaults: max fusion for rollout, mean for gradient rollout, discard 0.9.
+DEFAULT_HEAD_FUSION = {"rollout": "max", "grad_rollout": "mean"}
+DEFAULT_DISCARD_RATIO = 0.9
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Masks for a batch, with the model outputs and the settings that produced them."""
+
+    masks: np.ndarray  # [B, grid_h, grid_w] float32, each scaled to max 1
+    logits: np.ndarray  # [B, C] (logits, or output features for a model without a head)
+    method: str
+    head_fusion: str
+    discard_ratio: float
+    category_index: tuple[int, ...] | None  # per image, gradient rollout only
+    metadata: ModelMetadata = field(repr=False)
+
+    def top_k(self, k: int = 5) -> list[list[tuple[int, str, float]]]:
+        """Per image: (index, name, probability) of the k most likely classes (empty for feature models)."""
+        if self.metadata.output_kind != "logits":
+            return [[] for _ in range(self.logits.shape[0])]
+        probabilities = softmax(self.logits.astype(np.float64))
+        k = min(k, probabilities.shape[1])
+        result = []
+        for row in probabilities:
+            order = np.argsort(-row, kind="stable")[:k]
+            result.append([(int(i), self.metadata.class_name(int(i)), float(row[i])) for i in order])
+        return result
+
+    def settings(self) -> dict:
+        return {
+            "method": self.method,
+            "head_fusion": self.head_fusion,
+            "discard_ratio": self.discard_ratio,
+        }
+
+
+class Explainer:
+    """Explain images with an exported vit-explain model.
+
+    >>> explainer = Explainer("models/deit_tiny_patch16_224.onnx")
+    >>> result = explainer.explain(["both.png"], category_index=243)
+    >>> result.masks.shape
+    (1, 14, 14)
+
+    One onnxruntime session is created here and reused; ``explain`` keeps no state between
+    calls and may be called from several threads.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
+        self.session = ModelSession(path, device=device, threads=threads)
+        self.metadata: ModelMetadata = self.session.metadata
+
+    # -- inputs -------------------------------------------------------------------------
+    def preprocess(self, inputs: Sequence[ImageInput] | ImageInput) -> np.ndarray:
+        """Paths or PIL images -> ``[B, 3, H, W]`` float32, exactly as timm's eval transform."""
+        if isinstance(inputs, (str, os.PathLike, Image.Image)):
+            inputs = [inputs]
+        images = [load_image(item) for item in inputs]
+        return preprocess_batch(images, self.metadata.preprocess)
+
+    def _pixels(self, inputs) -> np.ndarray:
+        if isinstance(inputs, np.ndarray):
+            expected = self.metadata.preprocess.input_size
+            if inputs.ndim != 4 or tuple(inputs.shape[1:]) != tuple(expected):
+                raise ValueError(
+                    f"a preprocessed array must be [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                    f"got {list(inputs.shape)}"
+                )
+            return np.ascontiguousarray(inputs, dtype=np.float32)
+        return self.preprocess(inputs)
+
+    # -- checks ---------------------------------------------------------------------------
+    def _categories(self, category_index, batch: int) -> tuple[int, ...] | None:
+        if category_index is None:
+            return None
+        indices = [category_index] if isinstance(category_index, (int, np.integer)) else list(category_index)
+        if len(indices) == 1:
+            indices = indices * batch
+        if len(indices) != batch:
+            raise ValueError(f"got {len(indices)} category indices for {batch} images (give one, or one per image)")
+        limit = self.metadata.num_outputs
+        for index in indices:
+            if not isinstance(index, (int, np.integer)) or not 0 <= int(index) < limit:
+                kind = "classes" if self.metadata.output_kind == "logits" else "output features"
+                raise ValueError(f"category index {index} is out of range: the model has {limit} {kind} (0..{limit - 1})")
+        return tuple(int(i) for i in indices)
+
+    def resolve_settings(self, method: str | None, head_fusion: str | None, discard_ratio: float | None, has_category: bool) -> tuple[str, str, float]:
+        """Defaults as the original tool: a category means gradient rollout."""
+        method = method or ("grad_rollout" if has_category else "rollout")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        head_fusion = head_fusion or DEFAULT_HEAD_FUSION[method]
+        if head_fusion not in HEAD_FUSIONS:
+            raise ValueError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, not {head_fusion!r}")
+        discard_ratio = DEFAULT_DISCARD_RATIO if discard_ratio is None else float(discard_ratio)
+        if not 0.0 <= discard_ratio < 1.0:
+            raise ValueError(f"discard ratio must be in [0, 1), not {discard_ratio}")
+        return method, head_fusion, discard_ratio
+
+    # -- the job --------------------------------------------------------------------------
+    def explain(
+        self,
+        inputs: Sequence[ImageInput] | ImageInput | np.ndarray,
+        method: str | None = None,
+        head_fusion: str | None = None,
+        discard_ratio: float | None = None,
+        category_index: int | Sequence[int] | None = None,
+    ) -> Explanation:
+        """Masks for ``inputs``: image paths, PIL images, or a preprocessed ``[B, 3, H, W]`` array.
+
+        Gradient rollout without a category explains each image's top-1 class (for a model
+        without a classifier head: the direction of its own output features).
+        """
+        method, head_fusion, discard_ratio = self.resolve_settings(method, head_fusion, discard_ratio, category_index is not None)
+        pixels = self._pixels(inputs)
+        batch = pixels.shape[0]
+        categories = self._categories(category_index, batch)
+        meta = self.metadata
+
+        if method == "rollout":
+            outputs = self.session.run(pixels)
+            gradients = None
+        else:
+            weights, categories = self._class_weights(pixels, categories)
+            outputs = self.session.run(pixels, weights)
+            gradients = outputs.gradients
+        masks = rollout_masks(
+            outputs.attentions, gradients, head_fusion, discard_ratio,
+            meta.num_prefix_tokens, meta.grid_size, meta.has_class_token,
+        )
+        return Explanation(masks, outputs.logits, method, head_fusion, discard_ratio, categories, meta)
+
+    def _class_weights(self, pixels: np.ndarray, categories: tuple[int, ...] | None) -> tuple[np.ndarray, tuple[int, ...] | None]:
+        batch, num_outputs = pixels.shape[0], self.metadata.num_outputs
+        weights = np.zeros((batch, num_outputs), dtype=np.float32)
+        if categories is not None:
+            weights[np.arange(batch), list(categories)] = 1.0
+            return weights, categories
+        outputs = self.session.run(pixels).logits  # a forward pass to find what to explain
+        if self.metadata.output_kind == "logits":
+            top = outputs.argmax(axis=1)
+            weights[np.arange(batch), top] = 1.0
+            return weights, tuple(int(i) for i in top)
+        norms = np.linalg.norm(outputs, axis=1, keepdims=True)
+        return (outputs / np.where(norms > 0, norms, 1)).astype(np.float32), None
