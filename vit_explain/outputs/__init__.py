@@ -1,0 +1,47 @@
+"""What vit-explain writes: overlays, safe files, input discovery, reports.
+
+Pure numpy + Pillow (+ matplotlib's colormap registry): no torch, no onnxruntime.
+"""
+
+from __future__ import annotations
+
+from .files import (
+    InputImage,
+    atomic_write_bytes,
+    atomic_writer,
+    discover_images,
+    output_stem,
+    save_json,
+    save_npy,
+    save_png,
+    sniff_image,
+)
+from .overlay import available_colormaps, colorize, overlay, upsample_mask
+from .report import (
+    ReportEntry,
+    render_contact_sheet,
+    render_html_report,
+    write_contact_sheet,
+    write_html_report,
+)
+
+__all__ = [
+    "InputImage",
+    "ReportEntry",
+    "atomic_write_bytes",
+    "atomic_writer",
+    "available_colormaps",
+    "colorize",
+    "discover_images",
+    "output_stem",
+    "overlay",
+    "render_contact_sheet",
+    "render_html_report",
+    "save_json",
+    "save_npy",
+    "save_png",
+    "sniff_image",
+    "upsample_mask",
+    "write_contact_sheet",
+    "write_html_report",
+]
