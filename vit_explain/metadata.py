@@ -27,6 +27,7 @@ __all__ = [
     "PreprocessConfig",
     "ModelMetadata",
     "MetadataError",
+    "parse_img_size",
 ]
 
 #: Bumped whenever the graph interface or this document changes incompatibly.
@@ -153,3 +154,19 @@ class ModelMetadata:
             "format version": self.format_version,
             "exported by": f"vit-explain {self.package_version}",
         }
+
+
+def parse_img_size(text: str | None) -> tuple[int, int] | None:
+    """``"384"`` -> (384, 384); ``"224x320"`` -> (224, 320) (height x width)."""
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"image size {text!r} is not N or HxW (for example 384 or 224x320)") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise ValueError(f"image size {text!r} is not N or HxW (for example 384 or 224x320)")
+    return sizes[0], sizes[1]

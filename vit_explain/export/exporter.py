@@ -107,10 +107,17 @@ def export_model(
     class_names_file: Path | None = None,
     opset: int = DEFAULT_OPSET,
     log: Callable[[str], None] = lambda message: None,
+    model: nn.Module | None = None,
 ) -> ExportResult:
-    """Build, trace, convert, check against eager PyTorch, then save; nothing is written on failure."""
-    log(f"loading {spec.name} ({spec.weights_label})")
-    model = build_model(spec)
+    """Build, trace, convert, check against eager PyTorch, then save; nothing is written on failure.
+
+    ``model`` skips building from ``spec`` (tests export small, hand-made models this way);
+    ``spec`` then only names it in the metadata.
+    """
+    if model is None:
+        log(f"loading {spec.name} ({spec.weights_label})")
+        model = build_model(spec)
+    model = model.eval()
     metadata = describe_model(model, spec, class_names_file, opset)
     example = torch.randn(2, *metadata.preprocess.input_size, generator=torch.Generator().manual_seed(0))
 

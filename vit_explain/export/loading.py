@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..metadata import parse_img_size
 
-__all__ = ["ModelSpec", "build_model", "parse_img_size", "weights_sha256", "class_names_for"]
+__all__ = ["ModelSpec", "build_model", "weights_sha256", "class_names_for"]
 
 
 @dataclass(frozen=True)
@@ -33,22 +34,6 @@ class ModelSpec:
         if self.weights == "pretrained":
             return "pretrained"
         return Path(self.weights).name
-
-
-def parse_img_size(text: str | None) -> tuple[int, int] | None:
-    """``"384"`` -> (384, 384); ``"224x320"`` -> (224, 320) (height x width)."""
-    if text is None:
-        return None
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"image size {text!r} is not N or HxW (for example 384 or 224x320)") from None
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) <= 0:
-        raise ValueError(f"image size {text!r} is not N or HxW (for example 384 or 224x320)")
-    return sizes[0], sizes[1]
 
 
 def _create(spec: ModelSpec, pretrained: bool, **overrides) -> nn.Module:

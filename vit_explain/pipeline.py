@@ -1,0 +1,217 @@
+"""Explain many images: batches in, files out, one bad image never sinks the rest.
+
+The data flows one way: image file -> load (``runtime.images``) -> preprocess -> session ->
+rollout -> masks -> overlay / ``.npy`` / ``.json`` (``outputs``). Every file is written
+atomically and an image's JSON is written last, so an interrupted run leaves either complete
+outputs or none for each image, and a rerun skips what is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import ImageError
+from .outputs import InputImage, output_stem, overlay, save_json, save_npy, save_png
+from .runtime import Explainer
+from .runtime.images import load_image
+
+__all__ = ["FORMATS", "ExplainSettings", "ImageOutcome", "explain_images", "map_label", "outputs_for", "report_entries"]
+
+FORMATS = ("png", "npy", "json")
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What to compute and what to write, fixed for a whole run."""
+
+    method: str
+    head_fusion: str
+    discard_ratio: float
+    categories: tuple[int, ...] | None = None  # one map per category; None: rollout or top-1
+    formats: tuple[str, ...] = FORMATS
+    colormap: str = "jet"
+    alpha: float = 0.5
+    overwrite: bool = False
+
+    def recorded(self) -> dict:
+        """The settings an image's JSON records (and a rerun compares before skipping)."""
+        return {"method": self.method, "head_fusion": self.head_fusion, "discard_ratio": self.discard_ratio}
+
+
+@dataclass
+class ImageOutcome:
+    item: InputImage
+    status: str  # "done", "skipped" or "failed"
+    error: str | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # as outputs_for names them
+
+
+def map_label(method: str, category: int | None) -> str:
+    if method == "rollout":
+        return "rollout"
+    return f"{method}.{'top1' if category is None else category}"
+
+
+def _map_categories(settings: ExplainSettings) -> list[int | None]:
+    if settings.method == "rollout":
+        return [None]
+    return list(settings.categories) if settings.categories else [None]
+
+
+def outputs_for(output_dir: Path, item: InputImage, settings: ExplainSettings) -> dict[str, Path]:
+    """Every file an image's outputs consist of, keyed by a short name."""
+    stem = output_stem(output_dir, item.rel)
+    files: dict[str, Path] = {}
+    for category in _map_categories(settings):
+        label = map_label(settings.method, category)
+        if "png" in settings.formats:
+            files[f"{label}.png"] = stem.with_name(f"{stem.name}.{label}.png")
+        if "npy" in settings.formats:
+            files[f"{label}.npy"] = stem.with_name(f"{stem.name}.{label}.npy")
+    if "json" in settings.formats:
+        files["json"] = stem.with_name(f"{stem.name}.json")
+    return files
+
+
+def _is_complete(files: dict[str, Path], settings: ExplainSettings) -> bool:
+    if not all(path.is_file() for path in files.values()):
+        return False
+    if "json" not in files:
+        return True
+    try:
+        recorded = json.loads(files["json"].read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError):
+        return False
+    return all(recorded.get(key) == value for key, value in settings.recorded().items())
+
+
+def _batches(items: Sequence[InputImage], size: int) -> Iterator[Sequence[InputImage]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def explain_images(
+    explainer: Explainer,
+    items: Sequence[InputImage],
+    output_dir: Path,
+    settings: ExplainSettings,
+    batch_size: int = 8,
+) -> Iterator[ImageOutcome]:
+    """Explain ``items`` in batches, yielding one outcome per image as soon as it is written."""
+    pending: list[tuple[InputImage, dict[str, Path]]] = []
+    for item in items:
+        files = outputs_for(output_dir, item, settings)
+        if not settings.overwrite and _is_complete(files, settings):
+            yield ImageOutcome(item, "skipped", files=files)
+        else:
+            pending.append((item, files))
+
+    for batch in _batches(pending, batch_size):
+        loaded: list[tuple[InputImage, dict[str, Path], Image.Image]] = []
+        for item, files in batch:
+            try:
+                loaded.append((item, files, load_image(item.path)))
+            except ImageError as exc:
+                yield ImageOutcome(item, "failed", str(exc))
+        if loaded:
+            yield from _explain_batch(explainer, loaded, settings)
+
+
+def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings) -> Iterator[ImageOutcome]:
+    images = [image for _, _, image in loaded]
+    pixels = explainer.preprocess(images)
+    per_category = []
+    for category in _map_categories(settings):
+        result = explainer.explain(
+            pixels, method=settings.method, head_fusion=settings.head_fusion,
+            discard_ratio=settings.discard_ratio, category_index=category,
+        )
+        per_category.append((category, result))
+    top5 = per_category[0][1].top_k(5)
+    for index, (item, files, image) in enumerate(loaded):
+        try:
+            yield _write_outputs(item, files, image, index, per_category, top5[index], explainer, settings)
+        except OSError as exc:
+            yield ImageOutcome(item, "failed", f"cannot write outputs for {item.path}: {exc}")
+
+
+def _write_outputs(item, files, image, index, per_category, top5, explainer, settings) -> ImageOutcome:
+    meta = explainer.metadata
+    maps = []
+    for category, result in per_category:
+        label = map_label(settings.method, category)
+        mask = result.masks[index]
+        explained = result.category_index[index] if result.category_index else None
+        entry = {"label": label, "category_index": explained}
+        if explained is not None:
+            entry["category_name"] = meta.class_name(explained)
+        if f"{label}.png" in files:
+            save_png(files[f"{label}.png"], overlay(image, mask, settings.colormap, settings.alpha))
+            entry["overlay"] = files[f"{label}.png"].name
+        if f"{label}.npy" in files:
+            save_npy(files[f"{label}.npy"], mask)
+            entry["mask"] = files[f"{label}.npy"].name
+        maps.append(entry)
+    if "json" in files:
+        save_json(
+            files["json"],
+            {
+                "source": str(item.path),
+                "image_size": list(image.size),
+                "model": {"source_model": meta.source_model, "weights": meta.weights, "file": str(explainer.session.path)},
+                "settings": settings.recorded(),
+                "grid_size": list(meta.grid_size),
+                "maps": maps,
+                "predictions": [
+                    {"index": i, "name": name, "probability": round(p, 6)} for i, name, p in top5
+                ],
+            },
+        )
+    return ImageOutcome(item, "done", files=files)
+
+
+def report_entries(outcomes: Sequence[ImageOutcome], limit: int = 1000) -> list:
+    """Report rows rebuilt from the files on disk, so resumed (skipped) images appear too.
+
+    Thumbnails are made one image at a time; ``limit`` bounds the report for huge runs.
+    """
+    from .outputs import ReportEntry
+
+    entries = []
+    for outcome in outcomes[:limit]:
+        source = str(outcome.item.path)
+        if outcome.status == "failed":
+            entries.append(ReportEntry(source, None, error=outcome.error))
+            continue
+        try:
+            entries.append(_report_entry(outcome, source))
+        except (OSError, ValueError, ImageError) as exc:
+            entries.append(ReportEntry(source, None, error=f"cannot show outputs: {exc}"))
+    return entries
+
+
+def _thumbnail(image: Image.Image, width: int = 200) -> Image.Image:
+    image = image.copy()
+    image.thumbnail((width, width * 4))
+    return image
+
+
+def _report_entry(outcome: ImageOutcome, source: str):
+    from .outputs import ReportEntry
+
+    thumb = _thumbnail(load_image(outcome.item.path))
+    maps = []
+    for key, path in outcome.files.items():
+        if key.endswith(".png"):
+            with Image.open(path) as overlay_image:
+                maps.append((key.removesuffix(".png"), _thumbnail(overlay_image.convert("RGB"))))
+    predictions = []
+    if "json" in outcome.files:
+        data = json.loads(outcome.files["json"].read_text(encoding="utf-8"))
+        predictions = [(p["name"], float(p["probability"])) for p in data.get("predictions", [])[:3]]
+    return ReportEntry(source, thumb, maps=maps, predictions=predictions)
