@@ -141,7 +141,10 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, categ
     if method == "rollout" and categories:
         raise click.BadParameter("--category-index applies to grad_rollout, not rollout", param_hint="--method")
     method, head_fusion, discard_ratio = explainer.resolve_settings(method, head_fusion, discard_ratio, bool(categories))
-    settings = ExplainSettings(method, head_fusion, discard_ratio, categories, tuple(formats) or FORMATS, colormap, alpha, overwrite)
+    settings = ExplainSettings(
+        method, head_fusion, discard_ratio, categories, "top1" if meta.output_kind == "logits" else "features",
+        tuple(formats) or FORMATS, colormap, alpha, overwrite,
+    )
 
     items, problems = discover_images(list(inputs), exclude=[output_dir])
     for source, reason in problems:

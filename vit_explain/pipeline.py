@@ -32,7 +32,8 @@ class ExplainSettings:
     method: str
     head_fusion: str
     discard_ratio: float
-    categories: tuple[int, ...] | None = None  # one map per category; None: rollout or top-1
+    categories: tuple[int, ...] | None = None  # one map per category; None: rollout or default target
+    default_target: str = "top1"  # how a map without a category is named: "top1" or "features"
     formats: tuple[str, ...] = FORMATS
     colormap: str = "jet"
     alpha: float = 0.5
@@ -51,10 +52,10 @@ class ImageOutcome:
     files: dict[str, Path] = field(default_factory=dict)  # as outputs_for names them
 
 
-def map_label(method: str, category: int | None) -> str:
+def map_label(method: str, category: int | None, default_target: str = "top1") -> str:
     if method == "rollout":
         return "rollout"
-    return f"{method}.{'top1' if category is None else category}"
+    return f"{method}.{default_target if category is None else category}"
 
 
 def _map_categories(settings: ExplainSettings) -> list[int | None]:
@@ -68,13 +69,13 @@ def outputs_for(output_dir: Path, item: InputImage, settings: ExplainSettings) -
     stem = output_stem(output_dir, item.rel)
     files: dict[str, Path] = {}
     for category in _map_categories(settings):
-        label = map_label(settings.method, category)
+        label = map_label(settings.method, category, settings.default_target)
         if "png" in settings.formats:
             files[f"{label}.png"] = stem.with_name(f"{stem.name}.{label}.png")
         if "npy" in settings.formats:
             files[f"{label}.npy"] = stem.with_name(f"{stem.name}.{label}.npy")
-    if "json" in settings.formats:
-        files["json"] = stem.with_name(f"{stem.name}.json")
+    if "json" in settings.formats:  # one per image and method: runs with other methods keep theirs
+        files["json"] = stem.with_name(f"{stem.name}.{settings.method}.json")
     return files
 
 
@@ -144,7 +145,7 @@ def _write_outputs(item, files, image, index, per_category, top5, explainer, set
     meta = explainer.metadata
     maps = []
     for category, result in per_category:
-        label = map_label(settings.method, category)
+        label = map_label(settings.method, category, settings.default_target)
         mask = result.masks[index]
         explained = result.category_index[index] if result.category_index else None
         entry = {"label": label, "category_index": explained}
