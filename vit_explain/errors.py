@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["VitExplainError", "ModelFileError", "ImageError", "ExportError", "ParityError"]
+__all__ = ["VitExplainError", "ModelFileError", "DeviceError", "ImageError", "ExportError", "ParityError"]
 
 
 class VitExplainError(Exception):
@@ -11,6 +11,10 @@ class VitExplainError(Exception):
 
 class ModelFileError(VitExplainError):
     """The file is not a usable vit-explain model (missing, truncated, foreign ONNX, newer format)."""
+
+
+class DeviceError(VitExplainError):
+    """The requested device is not available (for example CUDA without onnxruntime-gpu or a GPU)."""
 
 
 class ImageError(VitExplainError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ModelFileError
+from ..errors import DeviceError, ModelFileError
 from ..metadata import (
     INPUT_CLASS_WEIGHTS,
     INPUT_COMPUTE_GRADIENTS,
@@ -40,7 +40,7 @@ def resolve_providers(device: str) -> list[str]:
         return [_CPU]
     if device == "cuda":
         if _CUDA not in available:
-            raise ModelFileError(
+            raise DeviceError(
                 "device 'cuda' asked for, but this onnxruntime has no CUDA provider "
                 f"(available: {', '.join(available)}); install onnxruntime-gpu as the README says"
             )
@@ -113,7 +113,20 @@ class ModelSession:
             INPUT_CLASS_WEIGHTS: np.ascontiguousarray(class_weights, dtype=np.float32),
             INPUT_COMPUTE_GRADIENTS: np.array(want_gradients),
         }
-        logits, attentions, gradients = self.session.run(
-            [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS], feeds
-        )
+        names = [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
+        if self.uses_cuda:
+            logits, attentions, gradients = self._run_bound(feeds, names)
+        else:
+            logits, attentions, gradients = self.session.run(names, feeds)
         return GraphOutputs(logits, attentions, gradients if want_gradients else None)
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        """CUDA: I/O binding, so inputs are copied to the device once and outputs land in host memory
+        directly (the rollout maths runs in numpy). A binding per call keeps ``run`` thread-safe."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
