@@ -64,7 +64,15 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
-    result = model.load_state_dict(state_dict, strict=False)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # shape mismatches are raised even when not strict
+        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        detail = "; ".join(mismatches[:3]) or str(exc).splitlines()[0]
+        raise ExportError(
+            f"checkpoint {path.name} does not fit {type(model).__name__}: {detail} "
+            "(check the model name, --num-classes and --img-size)"
+        ) from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing keys {_first(result.missing_keys)}")
