@@ -12,14 +12,38 @@ from PIL import Image
 from ..metadata import ModelMetadata
 from .images import load_image
 from .preprocess import preprocess_batch
-from .rollout import HEAD_FUSIONS, METHODS, rollout_masks
+from .rollout import (
+    CLASS_SPECIFIC_METHODS,
+    HEAD_FUSIONS,
+    METHODS,
+    attention_masks,
+    check_start_layer,
+    gae_masks,
+    rollout_masks,
+)
 from .session import ModelSession
 
-__all__ = ["DEFAULT_HEAD_FUSION", "DEFAULT_DISCARD_RATIO", "Explanation", "Explainer", "softmax"]
+__all__ = [
+    "DEFAULT_HEAD_FUSION",
+    "DEFAULT_DISCARD_RATIO",
+    "USES_HEAD_FUSION",
+    "USES_DISCARD_RATIO",
+    "USES_START_LAYER",
+    "Explanation",
+    "Explainer",
+    "softmax",
+]
 
 #: The original tool's defaults: max fusion for rollout, mean for gradient rollout, discard 0.9.
-DEFAULT_HEAD_FUSION = {"rollout": "max", "grad_rollout": "mean"}
+#: Raw last-layer attention averages its heads. GAE has no head-fusion choice (it averages the
+#: positive part of gradient x attention over the heads) and no discard ratio: ``None``.
+DEFAULT_HEAD_FUSION: dict[str, str | None] = {"rollout": "max", "grad_rollout": "mean", "gae": None, "attention": "mean"}
 DEFAULT_DISCARD_RATIO = 0.9
+#: Methods that take a head fusion, and those that take a discard ratio; others record ``None``.
+USES_HEAD_FUSION = ("rollout", "grad_rollout", "attention")
+USES_DISCARD_RATIO = ("rollout", "grad_rollout")
+#: Methods that propagate through the layers and so accept ``start_layer``.
+USES_START_LAYER = ("rollout", "grad_rollout", "gae")
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -37,10 +61,11 @@ class Explanation:
     masks: np.ndarray  # [B, grid_h, grid_w] float32, each scaled to max 1
     logits: np.ndarray  # [B, C] (logits, or output features for a model without a head)
     method: str
-    head_fusion: str
-    discard_ratio: float
-    category_index: tuple[int, ...] | None  # per image, gradient rollout only
+    head_fusion: str | None  # None where the method has no head-fusion choice (gae)
+    discard_ratio: float | None  # None where the method discards nothing (gae, attention)
+    category_index: tuple[int, ...] | None  # per image, class-specific methods (grad_rollout, gae) only
     metadata: ModelMetadata = field(repr=False)
+    start_layer: int = 0  # layers left out at the start of the chain (rollout, grad_rollout, gae)
 
     def top_k(self, k: int = 5) -> list[list[tuple[int, str, float]]]:
         """Per image: (index, name, probability) of the k most likely classes (empty for feature models)."""
@@ -59,6 +84,7 @@ class Explanation:
             "method": self.method,
             "head_fusion": self.head_fusion,
             "discard_ratio": self.discard_ratio,
+            "start_layer": self.start_layer,
         }
 
 
@@ -113,14 +139,26 @@ class Explainer:
                 raise ValueError(f"category index {index} is out of range: the model has {limit} {kind} (0..{limit - 1})")
         return tuple(int(i) for i in indices)
 
-    def resolve_settings(self, method: str | None, head_fusion: str | None, discard_ratio: float | None, has_category: bool) -> tuple[str, str, float]:
-        """Defaults as the original tool: a category means gradient rollout."""
+    def resolve_settings(
+        self, method: str | None, head_fusion: str | None, discard_ratio: float | None, has_category: bool
+    ) -> tuple[str, str | None, float | None]:
+        """Defaults as the original tool: a category means gradient rollout.
+
+        A setting the method does not use (head fusion for ``gae``, discard ratio for ``gae`` and
+        ``attention``) is ignored and returned as ``None``, so callers may pass their usual
+        defaults whatever the method.
+        """
         method = method or ("grad_rollout" if has_category else "rollout")
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        head_fusion = head_fusion or DEFAULT_HEAD_FUSION[method]
-        if head_fusion not in HEAD_FUSIONS:
-            raise ValueError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, not {head_fusion!r}")
+        if method in USES_HEAD_FUSION:
+            head_fusion = head_fusion or DEFAULT_HEAD_FUSION[method]
+            if head_fusion not in HEAD_FUSIONS:
+                raise ValueError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, not {head_fusion!r}")
+        else:
+            head_fusion = None
+        if method not in USES_DISCARD_RATIO:
+            return method, head_fusion, None
         discard_ratio = DEFAULT_DISCARD_RATIO if discard_ratio is None else float(discard_ratio)
         if not 0.0 <= discard_ratio < 1.0:
             raise ValueError(f"discard ratio must be in [0, 1), not {discard_ratio}")
@@ -134,30 +172,39 @@ class Explainer:
         head_fusion: str | None = None,
         discard_ratio: float | None = None,
         category_index: int | Sequence[int] | None = None,
+        start_layer: int = 0,
     ) -> Explanation:
         """Masks for ``inputs``: image paths, PIL images, or a preprocessed ``[B, 3, H, W]`` array.
 
-        Gradient rollout without a category explains each image's top-1 class (for a model
-        without a classifier head: the direction of its own output features).
+        ``method``: ``rollout``, ``grad_rollout``, ``gae`` or ``attention`` (see
+        :mod:`vit_explain.runtime.rollout`). The class-specific methods (``grad_rollout``,
+        ``gae``) without a category explain each image's top-1 class (for a model without a
+        classifier head: the direction of its own output features). ``start_layer`` leaves the
+        first layers out of rollout, gradient rollout and GAE (0 <= start_layer < layers).
         """
         method, head_fusion, discard_ratio = self.resolve_settings(method, head_fusion, discard_ratio, category_index is not None)
+        meta = self.metadata
+        if method in USES_START_LAYER:
+            start_layer = check_start_layer(start_layer, meta.num_layers)
+        elif start_layer != 0:
+            raise ValueError(f"start layer applies to {', '.join(USES_START_LAYER)}, not to {method}")
         pixels = self._pixels(inputs)
         batch = pixels.shape[0]
         categories = self._categories(category_index, batch)
-        meta = self.metadata
 
-        if method == "rollout":
-            outputs = self.session.run(pixels)
-            gradients = None
-        else:
+        if method in CLASS_SPECIFIC_METHODS:
             weights, categories = self._class_weights(pixels, categories)
             outputs = self.session.run(pixels, weights)
-            gradients = outputs.gradients
-        masks = rollout_masks(
-            outputs.attentions, gradients, head_fusion, discard_ratio,
-            meta.num_prefix_tokens, meta.grid_size, meta.has_class_token,
-        )
-        return Explanation(masks, outputs.logits, method, head_fusion, discard_ratio, categories, meta)
+        else:
+            outputs = self.session.run(pixels)
+        layout = (meta.num_prefix_tokens, meta.grid_size, meta.has_class_token)
+        if method == "gae":
+            masks = gae_masks(outputs.attentions, outputs.gradients, *layout, start_layer)
+        elif method == "attention":
+            masks = attention_masks(outputs.attentions, head_fusion, *layout)
+        else:
+            masks = rollout_masks(outputs.attentions, outputs.gradients, head_fusion, discard_ratio, *layout, start_layer)
+        return Explanation(masks, outputs.logits, method, head_fusion, discard_ratio, categories, meta, int(start_layer))
 
     def _class_weights(self, pixels: np.ndarray, categories: tuple[int, ...] | None) -> tuple[np.ndarray, tuple[int, ...] | None]:
         batch, num_outputs = pixels.shape[0], self.metadata.num_outputs

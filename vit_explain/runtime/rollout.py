@@ -1,17 +1,35 @@
-"""Attention Rollout and Gradient Attention Rollout in vectorised numpy, batched.
+"""Relevance maps from attention: rollout, gradient rollout, GAE and raw attention, batched numpy.
 
-Per image and layer ``l`` (Abnar & Zuidema 2020; gradient variant as in the original vit-explain):
+Every method here needs only the class token's row of its token-to-token relevance matrix, so
+that row is computed directly, as a vector times one ``N x N`` matrix per layer (last layer
+first), never the ``N x N`` chain. Inputs are the graph's ``[L, B, heads, N, N]`` attentions
+(and attention gradients for the class-specific methods); maths in float64.
+
+``rollout`` (Abnar & Zuidema 2020) and ``grad_rollout`` (as in the original vit-explain), per
+layer ``l``:
 
 1. fuse the heads (mean, min or max) of ``A_l`` (rollout) or of ``A_l * G_l`` clamped at 0
    afterwards (gradient rollout);
 2. zero the lowest ``int(N * N * discard_ratio)`` entries of the fused ``N x N`` map, except the
    class token's attention to itself (flat index 0) when it is among them;
 3. ``a_l = (fused + I) / 2`` with each row divided by its own sum (the residual connection);
-4. ``R = a_L @ ... @ a_1`` and the mask is the class token's row of ``R`` over the patch tokens.
+4. ``R = a_L @ ... @ a_1``; the mask is the class token's row of ``R`` over the patch tokens,
+   computed as ``e_cls @ a_L @ ... @ a_1``.
 
-Only that row is ever needed, so it is computed as ``e_cls @ a_L @ ... @ a_1``: one vector-matrix
-product per layer, last layer first, never the ``N x N`` chain. For a model without a class
-token, the start vector is the mean of the patch tokens' rows (documented in the README).
+``gae`` (Chefer, Gur & Wolf, ICCV 2021, "Generic Attention-model Explainability"): ``R = I`` and,
+for each layer in forward order, ``Abar_l = mean_heads(max(G_l * A_l, 0))`` (clamped per head,
+then averaged) and ``R <- R + Abar_l @ R``. Unrolled, ``R = (I + Abar_L) ... (I + Abar_1)``, so
+the class row is ``e_cls @ (I + Abar_L) @ ... @ (I + Abar_1)``: again last layer first, each step
+``row <- row + row @ Abar_l``. No discard ratio, no row normalisation, no head-fusion choice.
+
+``attention``: the last layer's attention, heads fused (mean by default), class row over the
+patches. A baseline with no propagation through layers.
+
+``start_layer = K`` (rollout, grad_rollout, gae) leaves out the first ``K`` layers: the chain
+runs over layers ``K .. L-1`` only (Chefer et al.'s ``start_layer``).
+
+For a model without a class token, the start vector is the mean of the patch tokens' rows
+(documented in the README).
 """
 
 from __future__ import annotations
@@ -20,10 +38,27 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["HEAD_FUSIONS", "METHODS", "fuse_heads", "discard_lowest", "rollout_rows", "rollout_masks", "scale_to_unit_max"]
+__all__ = [
+    "HEAD_FUSIONS",
+    "METHODS",
+    "CLASS_SPECIFIC_METHODS",
+    "fuse_heads",
+    "discard_lowest",
+    "check_start_layer",
+    "rollout_rows",
+    "rollout_masks",
+    "gae_rows",
+    "gae_masks",
+    "attention_rows",
+    "attention_masks",
+    "rows_to_masks",
+    "scale_to_unit_max",
+]
 
 HEAD_FUSIONS = ("mean", "min", "max")
-METHODS = ("rollout", "grad_rollout")
+METHODS = ("rollout", "grad_rollout", "gae", "attention")
+#: Methods that explain one output (class) and so need the attention gradients.
+CLASS_SPECIFIC_METHODS = ("grad_rollout", "gae")
 
 _FUSERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean": lambda x: x.mean(axis=1),
@@ -55,6 +90,17 @@ def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
     return fused
 
 
+def check_start_layer(start_layer: int, num_layers: int) -> int:
+    """``start_layer`` as an int in ``[0, num_layers)``, or a ValueError saying what is allowed."""
+    if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)):
+        raise ValueError(f"start layer must be an integer, not {start_layer!r}")
+    if not 0 <= int(start_layer) < num_layers:
+        raise ValueError(
+            f"start layer must be in 0..{num_layers - 1} (the model has {num_layers} layers), not {start_layer}"
+        )
+    return int(start_layer)
+
+
 def _start_rows(batch: int, tokens: int, num_prefix_tokens: int, has_class_token: bool) -> np.ndarray:
     rows = np.zeros((batch, 1, tokens), dtype=np.float64)
     if has_class_token:
@@ -64,6 +110,13 @@ def _start_rows(batch: int, tokens: int, num_prefix_tokens: int, has_class_token
     return rows
 
 
+def _check_gradients(attentions: np.ndarray, gradients: np.ndarray | None) -> None:
+    if attentions.ndim != 5:
+        raise ValueError(f"attentions must be [layers, batch, heads, tokens, tokens], got shape {attentions.shape}")
+    if gradients is not None and gradients.shape != attentions.shape:
+        raise ValueError(f"gradients {gradients.shape} do not match attentions {attentions.shape}")
+
+
 def rollout_rows(
     attentions: np.ndarray,
     gradients: np.ndarray | None,
@@ -71,17 +124,18 @@ def rollout_rows(
     discard_ratio: float,
     num_prefix_tokens: int,
     has_class_token: bool = True,
+    start_layer: int = 0,
 ) -> np.ndarray:
     """The rolled-out relevance of each patch token, ``[B, num_patches]`` (unscaled, float64).
 
     ``attentions`` (and ``gradients`` for gradient rollout) are ``[L, B, heads, N, N]``.
     """
+    _check_gradients(attentions, gradients)
     layers, batch, _, tokens, _ = attentions.shape
-    if gradients is not None and gradients.shape != attentions.shape:
-        raise ValueError(f"gradients {gradients.shape} do not match attentions {attentions.shape}")
+    start_layer = check_start_layer(start_layer, layers)
     identity = np.eye(tokens, dtype=np.float64)
     row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token)
-    for layer in range(layers - 1, -1, -1):
+    for layer in range(layers - 1, start_layer - 1, -1):
         if gradients is None:
             fused = fuse_heads(attentions[layer].astype(np.float64), head_fusion)
         else:
@@ -95,10 +149,59 @@ def rollout_rows(
     return row[:, 0, num_prefix_tokens:]
 
 
+def gae_rows(
+    attentions: np.ndarray,
+    gradients: np.ndarray,
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+    start_layer: int = 0,
+) -> np.ndarray:
+    """Generic Attention Explainability (Chefer et al. 2021): ``[B, num_patches]``, unscaled float64.
+
+    ``R = (I + Abar_L) ... (I + Abar_K)`` with ``Abar_l = mean_heads(max(G_l * A_l, 0))``;
+    returns the start row (class token) of ``R`` over the patch tokens.
+    """
+    if gradients is None:
+        raise ValueError("gae needs the attention gradients")
+    _check_gradients(attentions, gradients)
+    layers, batch, _, tokens, _ = attentions.shape
+    start_layer = check_start_layer(start_layer, layers)
+    row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token)
+    # Forward recurrence R_l = R_{l-1} + Abar_l R_{l-1} = (I + Abar_l) R_{l-1}, so the first
+    # factor applied to the row vector is the last layer's.
+    for layer in range(layers - 1, start_layer - 1, -1):
+        weighted = attentions[layer].astype(np.float64) * gradients[layer]
+        fused = np.maximum(weighted, 0.0).mean(axis=1)
+        row = row + row @ fused
+    return row[:, 0, num_prefix_tokens:]
+
+
+def attention_rows(
+    attentions: np.ndarray,
+    head_fusion: str,
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+) -> np.ndarray:
+    """The last layer's attention from the class token to each patch, heads fused: ``[B, num_patches]``."""
+    _check_gradients(attentions, None)
+    _, batch, _, tokens, _ = attentions.shape
+    fused = fuse_heads(attentions[-1].astype(np.float64), head_fusion)
+    row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token) @ fused
+    return row[:, 0, num_prefix_tokens:]
+
+
 def scale_to_unit_max(rows: np.ndarray) -> np.ndarray:
     """Scale each row to max 1 (an all-zero row stays zero, never NaN)."""
     peak = rows.max(axis=-1, keepdims=True)
     return np.divide(rows, peak, out=np.zeros_like(rows), where=peak > 0)
+
+
+def rows_to_masks(rows: np.ndarray, grid_size: tuple[int, int]) -> np.ndarray:
+    """``[B, num_patches]`` relevance -> masks ``[B, grid_h, grid_w]`` float32, each scaled to max 1."""
+    grid_h, grid_w = grid_size
+    if rows.shape[1] != grid_h * grid_w:
+        raise ValueError(f"{rows.shape[1]} patch tokens do not fill a {grid_h}x{grid_w} grid")
+    return scale_to_unit_max(rows).astype(np.float32).reshape(rows.shape[0], grid_h, grid_w)
 
 
 def rollout_masks(
@@ -109,10 +212,33 @@ def rollout_masks(
     num_prefix_tokens: int,
     grid_size: tuple[int, int],
     has_class_token: bool = True,
+    start_layer: int = 0,
 ) -> np.ndarray:
     """Masks ``[B, grid_h, grid_w]`` float32, each scaled to max 1."""
-    rows = rollout_rows(attentions, gradients, head_fusion, discard_ratio, num_prefix_tokens, has_class_token)
-    grid_h, grid_w = grid_size
-    if rows.shape[1] != grid_h * grid_w:
-        raise ValueError(f"{rows.shape[1]} patch tokens do not fill a {grid_h}x{grid_w} grid")
-    return scale_to_unit_max(rows).astype(np.float32).reshape(rows.shape[0], grid_h, grid_w)
+    rows = rollout_rows(
+        attentions, gradients, head_fusion, discard_ratio, num_prefix_tokens, has_class_token, start_layer
+    )
+    return rows_to_masks(rows, grid_size)
+
+
+def gae_masks(
+    attentions: np.ndarray,
+    gradients: np.ndarray,
+    num_prefix_tokens: int,
+    grid_size: tuple[int, int],
+    has_class_token: bool = True,
+    start_layer: int = 0,
+) -> np.ndarray:
+    """GAE masks ``[B, grid_h, grid_w]`` float32, each scaled to max 1."""
+    return rows_to_masks(gae_rows(attentions, gradients, num_prefix_tokens, has_class_token, start_layer), grid_size)
+
+
+def attention_masks(
+    attentions: np.ndarray,
+    head_fusion: str,
+    num_prefix_tokens: int,
+    grid_size: tuple[int, int],
+    has_class_token: bool = True,
+) -> np.ndarray:
+    """Last-layer attention masks ``[B, grid_h, grid_w]`` float32, each scaled to max 1."""
+    return rows_to_masks(attention_rows(attentions, head_fusion, num_prefix_tokens, has_class_token), grid_size)
