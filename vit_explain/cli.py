@@ -16,6 +16,7 @@ from . import __version__
 from .errors import VitExplainError
 
 HEAD_FUSIONS = ("mean", "min", "max")
+METHODS = ("rollout", "grad_rollout", "gae", "attention")  # kept literal: importing the runtime is slower
 
 
 class _UserError(click.ClickException):
@@ -96,10 +97,12 @@ def info(model: Path) -> None:
 @click.option("-m", "--model", default=None, metavar="FILE|NAME",
               help="An exported .onnx file, or a timm model name (exported once into the cache). [default: deit_tiny_patch16_224]")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-out"), show_default=True)
-@click.option("--method", type=click.Choice(["rollout", "grad_rollout"]), help="Default: rollout, or grad_rollout when --category-index is given.")
-@click.option("--head-fusion", type=click.Choice(HEAD_FUSIONS), help="Default: max for rollout, mean for grad_rollout.")
-@click.option("--discard-ratio", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.9, show_default=True,
-              help="Share of the lowest attentions dropped per layer, in [0, 1).")
+@click.option("--method", type=click.Choice(METHODS), help="Default: rollout, or grad_rollout when --category-index is given.")
+@click.option("--head-fusion", type=click.Choice(HEAD_FUSIONS), help="Default: max for rollout, mean for grad_rollout and attention.")
+@click.option("--discard-ratio", type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Share of the lowest attentions dropped per layer, in [0, 1). [default: 0.9]")
+@click.option("--start-layer", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Skip the first K layers (rollout, grad_rollout, gae).")
 @click.option("--category-index", "category_index", type=click.IntRange(min=0), multiple=True,
               help="Class to explain (repeatable: one map per class). Implies grad_rollout.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -112,38 +115,26 @@ def info(model: Path) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [default: onnxruntime's choice].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-image messages.")
-def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, category_index, batch_size, formats,
-            colormap, alpha, overwrite, report, device, threads, quiet) -> None:
+def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start_layer, category_index, batch_size,
+            formats, colormap, alpha, overwrite, report, device, threads, quiet) -> None:
     """Explain images: files, folders (recursive) or glob patterns.
 
     Writes, per image and map, an overlay PNG at the image's size, the raw mask (.npy, patch grid)
     and one JSON with the top-5 predictions and the settings used.
     """
-    from .model_store import DEFAULT_MODEL, resolve_model
     from .outputs import available_colormaps, discover_images
     from .pipeline import FORMATS, ExplainSettings
-    from .runtime import Explainer
 
     if colormap not in available_colormaps():
         raise click.BadParameter(f"unknown colormap {colormap!r} (for example: jet, viridis, inferno, turbo)", param_hint="--colormap")
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
-    try:
-        explainer = Explainer(resolve_model(model or DEFAULT_MODEL, notify=say), device=device, threads=threads)
-    except VitExplainError as exc:
-        raise _fail(exc) from None
+    explainer = _open_explainer(model, device, threads, say)
     meta = explainer.metadata
-    categories = tuple(category_index) or None
-    for index in categories or ():
-        if index >= meta.num_outputs:
-            kind = "classes" if meta.output_kind == "logits" else "output features"
-            raise click.BadParameter(f"{index} is out of range: the model has {meta.num_outputs} {kind} (0..{meta.num_outputs - 1})",
-                                     param_hint="--category-index")
-    if method == "rollout" and categories:
-        raise click.BadParameter("--category-index applies to grad_rollout, not rollout", param_hint="--method")
-    method, head_fusion, discard_ratio = explainer.resolve_settings(method, head_fusion, discard_ratio, bool(categories))
+    categories = _check_categories(category_index, meta)
+    method, head_fusion, discard_ratio = _resolve_method(explainer, method, head_fusion, discard_ratio, start_layer, categories)
     settings = ExplainSettings(
         method, head_fusion, discard_ratio, categories, "top1" if meta.output_kind == "logits" else "features",
-        tuple(formats) or FORMATS, colormap, alpha, overwrite,
+        tuple(formats) or FORMATS, colormap, alpha, overwrite, start_layer,
     )
 
     items, problems = discover_images(list(inputs), exclude=[output_dir])
@@ -152,6 +143,48 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, categ
     if not items:
         raise _fail(VitExplainError("no images to explain"))
     _run_explain(explainer, items, output_dir, settings, batch_size, report, quiet, len(problems))
+
+
+def _open_explainer(model: str | None, device: str, threads: int | None, say):
+    from .model_store import DEFAULT_MODEL, resolve_model
+    from .runtime import Explainer
+
+    try:
+        return Explainer(resolve_model(model or DEFAULT_MODEL, notify=say), device=device, threads=threads)
+    except VitExplainError as exc:
+        raise _fail(exc) from None
+
+
+def _check_categories(category_index: tuple[int, ...], meta) -> tuple[int, ...] | None:
+    for index in category_index:
+        if index >= meta.num_outputs:
+            kind = "classes" if meta.output_kind == "logits" else "output features"
+            raise click.BadParameter(
+                f"{index} is out of range: the model has {meta.num_outputs} {kind} (0..{meta.num_outputs - 1})",
+                param_hint="--category-index",
+            )
+    return tuple(category_index) or None
+
+
+def _resolve_method(explainer, method, head_fusion, discard_ratio, start_layer, categories):
+    """Defaults per method; a flag the chosen method does not use is a usage error, not ignored."""
+    from .runtime.rollout import CLASS_SPECIFIC_METHODS, USES_DISCARD_RATIO, USES_HEAD_FUSION, USES_START_LAYER
+
+    chosen = method or ("grad_rollout" if categories else "rollout")
+    if categories and chosen not in CLASS_SPECIFIC_METHODS:
+        raise click.BadParameter(f"--category-index applies to {' and '.join(CLASS_SPECIFIC_METHODS)}, not {chosen}", param_hint="--method")
+    unused = [
+        flag for flag, given, users in (
+            ("--head-fusion", head_fusion is not None, USES_HEAD_FUSION),
+            ("--discard-ratio", discard_ratio is not None, USES_DISCARD_RATIO),
+            ("--start-layer", start_layer != 0, USES_START_LAYER),
+        ) if given and chosen not in users
+    ]
+    if unused:
+        raise click.BadParameter(f"{', '.join(unused)} does not apply to {chosen}", param_hint="--method")
+    if start_layer >= explainer.metadata.num_layers:
+        raise click.BadParameter(f"the model has {explainer.metadata.num_layers} layers (0..{explainer.metadata.num_layers - 1})", param_hint="--start-layer")
+    return explainer.resolve_settings(chosen, head_fusion, discard_ratio, bool(categories))
 
 
 def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, report: bool, quiet: bool, problems: int) -> None:
@@ -200,6 +233,73 @@ def _write_report(outcomes, output_dir: Path, explainer, settings) -> None:
     title = f"vit-explain: {settings.method} with {explainer.metadata.source_model}"
     write_html_report(output_dir / "report.html", entries, title)
     write_contact_sheet(output_dir / "contact_sheet.png", entries, title=title)
+
+
+# -- evaluate -----------------------------------------------------------------------------
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-m", "--model", default=None, metavar="FILE|NAME", help="As for explain. [default: deit_tiny_patch16_224]")
+@click.option("--method", "methods", type=click.Choice(METHODS), multiple=True,
+              help="Method to evaluate (repeatable). [default: all four] A seeded random map is always added.")
+@click.option("--category-index", type=click.IntRange(min=0), help="Class whose probability is scored [default: each image's top-1].")
+@click.option("--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Deletion/insertion steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-map baseline.")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-eval"), show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1))
+@click.option("-q", "--quiet", is_flag=True)
+def evaluate(inputs, model, methods, category_index, steps, batch_size, seed, output_dir, device, threads, quiet) -> None:
+    """How faithful is each map? Deletion/insertion curves and positive/negative perturbation AUCs.
+
+    Writes evaluation.csv, evaluation.json and evaluation.png (the mean curves) in the output directory.
+    """
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import write_outputs
+    from .outputs import discover_images
+    from .runtime.images import load_image
+
+    say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    explainer = _open_explainer(model, device, threads, say)
+    if category_index is not None:
+        _check_categories((category_index,), explainer.metadata)
+    items, problems = discover_images(list(inputs), exclude=[output_dir])
+    for source, reason in problems:
+        click.echo(f"skipping {source}: {reason}", err=True)
+    images, names = [], []
+    for item in items:
+        try:
+            images.append(load_image(item.path))
+            names.append(str(item.rel))
+        except VitExplainError as exc:
+            problems.append((str(item.path), str(exc)))
+            click.echo(f"failed: {exc}", err=True)
+    if not images:
+        raise _fail(VitExplainError("no images to evaluate"))
+    say(f"evaluating {len(images)} images, {len(methods) or 4} methods (about {len(images) * 15 * steps} forward passes)")
+    try:
+        result = run_evaluation(
+            explainer, images, methods=tuple(methods) or METHODS, category_index=category_index,
+            steps=steps, batch_size=batch_size, seed=seed,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    paths = write_outputs(result, output_dir)
+    click.echo(_averages_table(result))
+    say(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if problems:
+        sys.exit(1)
+
+
+def _averages_table(result) -> str:
+    """The mean AUC per method and metric, as a plain text table (arrows: which way is better)."""
+    from .evaluate import METRICS
+
+    metrics = list(result.metrics)
+    header = ["method"] + [f"{m} {'(lower better)' if METRICS[m].better == 'lower' else '(higher better)'}" for m in metrics]
+    rows = [[row["method"]] + [f"{row[f'{m}_auc']:.4f}" for m in metrics] for row in result.averages()]
+    widths = [max(len(line[i]) for line in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in [header] + rows)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ from .errors import ImageError
 from .outputs import InputImage, output_stem, overlay, save_json, save_npy, save_png
 from .runtime import Explainer
 from .runtime.images import load_image
+from .runtime.rollout import CLASS_SPECIFIC_METHODS
 
 __all__ = ["FORMATS", "ExplainSettings", "ImageOutcome", "explain_images", "map_label", "outputs_for", "report_entries"]
 
@@ -30,18 +31,24 @@ class ExplainSettings:
     """What to compute and what to write, fixed for a whole run."""
 
     method: str
-    head_fusion: str
-    discard_ratio: float
+    head_fusion: str | None  # None for methods that do not fuse heads (gae)
+    discard_ratio: float | None  # None for methods that do not discard (gae, attention)
     categories: tuple[int, ...] | None = None  # one map per category; None: rollout or default target
     default_target: str = "top1"  # how a map without a category is named: "top1" or "features"
     formats: tuple[str, ...] = FORMATS
     colormap: str = "jet"
     alpha: float = 0.5
     overwrite: bool = False
+    start_layer: int = 0
 
     def recorded(self) -> dict:
         """The settings an image's JSON records (and a rerun compares before skipping)."""
-        return {"method": self.method, "head_fusion": self.head_fusion, "discard_ratio": self.discard_ratio}
+        return {
+            "method": self.method,
+            "head_fusion": self.head_fusion,
+            "discard_ratio": self.discard_ratio,
+            "start_layer": self.start_layer,
+        }
 
 
 @dataclass
@@ -53,13 +60,13 @@ class ImageOutcome:
 
 
 def map_label(method: str, category: int | None, default_target: str = "top1") -> str:
-    if method == "rollout":
-        return "rollout"
+    if method not in CLASS_SPECIFIC_METHODS:
+        return method
     return f"{method}.{default_target if category is None else category}"
 
 
 def _map_categories(settings: ExplainSettings) -> list[int | None]:
-    if settings.method == "rollout":
+    if settings.method not in CLASS_SPECIFIC_METHODS:
         return [None]
     return list(settings.categories) if settings.categories else [None]
 
@@ -130,7 +137,7 @@ def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings) -> I
     for category in _map_categories(settings):
         result = explainer.explain(
             pixels, method=settings.method, head_fusion=settings.head_fusion,
-            discard_ratio=settings.discard_ratio, category_index=category,
+            discard_ratio=settings.discard_ratio, category_index=category, start_layer=settings.start_layer,
         )
         per_category.append((category, result))
     top5 = per_category[0][1].top_k(5)
