@@ -273,8 +273,6 @@ def test_outputs_cannot_escape_the_output_dir(tmp_path, model_path, monkeypatch)
         assert_whole_outputs(out, image)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG pipeline.explain_images: ValueError from output_stem (symlinked "
-                   "sub-folder of the output dir) escapes as a traceback instead of failing that image")
 def test_symlinked_folder_in_output_dir_fails_that_image_only(tmp_path, model_path):
     save_image(tmp_path / "a" / "cat.png", seed=1)
     good = save_image(tmp_path / "b" / "dog.png", seed=2)
@@ -509,8 +507,6 @@ def test_interrupted_and_killed_runs_leave_no_half_files_and_resume(tmp_path, mo
     _check_no_half_files(out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG pipeline._is_complete: a rerun with another --model skips images "
-                   "whose outputs came from the previous model (the model is not compared)")
 def test_rerun_with_another_model_does_not_skip(tmp_path, model_path):
     import onnx
 
@@ -787,8 +783,6 @@ def test_report_lists_done_and_failed_images(tmp_path, model_path):
     assert red.sum() > 200
 
 
-@pytest.mark.xfail(strict=True, reason="BUG cli._run_explain: inputs that discover_images reports (no such file, "
-                   "no images in a folder) count as failed in the summary but are missing from report.html")
 def test_report_lists_inputs_that_were_not_found(tmp_path, model_path):
     image = save_image(tmp_path / "cat.png")
     missing = tmp_path / "typo.png"

@@ -134,7 +134,7 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
     method, head_fusion, discard_ratio = _resolve_method(explainer, method, head_fusion, discard_ratio, start_layer, categories)
     settings = ExplainSettings(
         method, head_fusion, discard_ratio, categories, "top1" if meta.output_kind == "logits" else "features",
-        tuple(formats) or FORMATS, colormap, alpha, overwrite, start_layer,
+        tuple(formats) or FORMATS, colormap, alpha, overwrite, start_layer, meta.weights_sha256,
     )
 
     items, problems = discover_images(list(inputs), exclude=[output_dir])
@@ -142,7 +142,7 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
         click.echo(f"skipping {source}: {reason}", err=True)
     if not items:
         raise _fail(VitExplainError("no images to explain"))
-    _run_explain(explainer, items, output_dir, settings, batch_size, report, quiet, len(problems))
+    _run_explain(explainer, items, output_dir, settings, batch_size, report, quiet, problems)
 
 
 def _open_explainer(model: str | None, device: str, threads: int | None, say):
@@ -168,7 +168,8 @@ def _check_categories(category_index: tuple[int, ...], meta) -> tuple[int, ...] 
 
 def _resolve_method(explainer, method, head_fusion, discard_ratio, start_layer, categories):
     """Defaults per method; a flag the chosen method does not use is a usage error, not ignored."""
-    from .runtime.rollout import CLASS_SPECIFIC_METHODS, USES_DISCARD_RATIO, USES_HEAD_FUSION, USES_START_LAYER
+    from .runtime.explainer import USES_DISCARD_RATIO, USES_HEAD_FUSION, USES_START_LAYER
+    from .runtime.rollout import CLASS_SPECIFIC_METHODS
 
     chosen = method or ("grad_rollout" if categories else "rollout")
     if categories and chosen not in CLASS_SPECIFIC_METHODS:
@@ -187,7 +188,8 @@ def _resolve_method(explainer, method, head_fusion, discard_ratio, start_layer, 
     return explainer.resolve_settings(chosen, head_fusion, discard_ratio, bool(categories))
 
 
-def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, report: bool, quiet: bool, problems: int) -> None:
+def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, report: bool, quiet: bool,
+                 problems: list[tuple[str, str]]) -> None:
     from .pipeline import explain_images
 
     counts = {"done": 0, "skipped": 0, "failed": 0}
@@ -216,20 +218,20 @@ def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, 
             progress.close()
     elapsed = time.perf_counter() - started
     if report:
-        _write_report(outcomes, output_dir, explainer, settings)
+        _write_report(outcomes, problems, output_dir, explainer, settings)
     rate = counts["done"] / elapsed if elapsed > 0 and counts["done"] else 0.0
-    failed = counts["failed"] + problems
+    failed = counts["failed"] + len(problems)
     summary = f"{counts['done']} done, {counts['skipped']} skipped, {failed} failed ({rate:.1f} img/s) -> {output_dir}"
     click.echo(summary, err=True)
     if failed:
         sys.exit(1)
 
 
-def _write_report(outcomes, output_dir: Path, explainer, settings) -> None:
-    from .outputs import write_contact_sheet, write_html_report
+def _write_report(outcomes, problems, output_dir: Path, explainer, settings) -> None:
+    from .outputs import ReportEntry, write_contact_sheet, write_html_report
     from .pipeline import report_entries
 
-    entries = report_entries(outcomes)
+    entries = [ReportEntry(source, None, error=reason) for source, reason in problems] + report_entries(outcomes)
     title = f"vit-explain: {settings.method} with {explainer.metadata.source_model}"
     write_html_report(output_dir / "report.html", entries, title)
     write_contact_sheet(output_dir / "contact_sheet.png", entries, title=title)

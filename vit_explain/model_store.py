@@ -55,5 +55,10 @@ def resolve_model(model: str, notify: Callable[[str], None] = lambda message: No
             'install them with pip install -e ".[export]", or pass an exported .onnx file'
         ) from None
     notify(f"exporting {model} to {path} (once; later runs reuse it)")
-    export_model(ModelSpec(model, weights="pretrained"), path)
+    try:
+        export_model(ModelSpec(model, weights="pretrained"), path)
+    except ExportError as exc:
+        raise ExportError(
+            f"{exc}. To use local weights: vit-explain export {model} --weights PATH, then --model <that file>"
+        ) from None
     return path

