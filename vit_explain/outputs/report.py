@@ -186,13 +186,17 @@ def _drawable(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> 
 def _fit(
     draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, max_width: int
 ) -> str:
-    """Shorten ``text`` with a trailing "..." until it fits ``max_width`` pixels."""
+    """Shorten ``text`` from the left ("...") until it fits ``max_width`` pixels.
+
+    Captions are "<path> - <top-1>" or "<path>: <error>": the file name and what follows it
+    matter most, while a long absolute path's leading folders matter least.
+    """
     text = _drawable(text.replace("\n", " "), font)
     if draw.textlength(text, font=font) <= max_width:
         return text
-    while text and draw.textlength(text + "...", font=font) > max_width:
-        text = text[:-1]
-    return text + "..."
+    while text and draw.textlength("..." + text, font=font) > max_width:
+        text = text[1:]
+    return "..." + text
 
 
 @dataclass
