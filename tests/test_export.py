@@ -159,12 +159,6 @@ def checkpoints(tmp_path_factory) -> dict[str, dict]:
         ),
         pytest.param(
             "vit without class token", ["does not fit"], id="vit-without-class-token",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug (export/loading.py _load_checkpoint): timm's checkpoint_filter_fn is called "
-                "outside any try, and resampling a 256-token position embedding for a class-token ViT "
-                "raises a raw RuntimeError (shape '[1, 15, 15, -1]' is invalid)",
-            ),
         ),
     ],
 )
@@ -200,13 +194,6 @@ def test_unreadable_checkpoint(name, content, words, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (export/exporter.py describe_model): an attention-pooling head (global_pool='map', timm "
-    "AttentionPoolLatent) has fused_attn but no attn_drop, so attention_modules() does not count it, "
-    "the count check passes, and tracing fails later with a raw torch.onnx ConversionError "
-    "(aten._scaled_dot_product_flash_attention_for_cpu_backward)",
-)
 def test_attention_pooling_head_is_not_supported_yet(tmp_path, make_test_model):
     """A SigLIP-style ``map`` head attends once more after the blocks; rollout has no place for it."""
     model = make_test_model(

@@ -353,14 +353,6 @@ def test_masks_have_the_grid_shape_float32_and_max_one(family_key, method, disca
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (export/exporter.py describe_model): has_class_token is set from `cls_token is not None`, so "
-    "rollout starts from the class row even when the head reads the mean of the patch tokens "
-    "(global_pool='avg': BEiT and EVA by default). The last layer's class row gets no gradient, so "
-    "grad_rollout masks are ~1e-3 of a token-pooled model's before scaling, and all zero (or float "
-    "noise scaled to 1) with the default discard 0.9.",
-)
 @pytest.mark.parametrize(
     "name, kwargs",
     [

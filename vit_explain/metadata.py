@@ -80,6 +80,9 @@ class ModelMetadata:
     patch_size: tuple[int, int]
     grid_size: tuple[int, int]  # (grid_h, grid_w): the mask's shape
     num_prefix_tokens: int  # class + distillation + register tokens, in front of the patches
+    # True when the head reads the class token (token pooling): rollout starts from its row.
+    # False for models without one and for those that pool the patch tokens (BEiT, EVA, *_gap_*):
+    # rollout then starts from the mean of the patch tokens' rows.
     has_class_token: bool
     num_layers: int
     num_heads: int
@@ -88,6 +91,7 @@ class ModelMetadata:
     opset: int
     package_version: str
     class_names: tuple[str, ...] = ()
+    pooling: str = "token"  # timm's global_pool: "token", "avg", "avgmax" or "max"
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -146,7 +150,8 @@ class ModelMetadata:
             "patch size": f"{self.patch_size[0]}x{self.patch_size[1]}",
             "patch grid": f"{self.grid_size[0]}x{self.grid_size[1]}",
             "prefix tokens": self.num_prefix_tokens,
-            "class token": self.has_class_token,
+            "pooling": self.pooling,
+            "rollout reads": "class token row" if self.has_class_token else "mean of patch rows",
             "layers": self.num_layers,
             "heads": self.num_heads,
             "outputs": f"{self.num_outputs} {'classes' if self.output_kind == 'logits' else 'features'}",

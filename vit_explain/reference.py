@@ -28,11 +28,31 @@ from torch import nn
 __all__ = [
     "AttentionRecorder",
     "attention_modules",
+    "pooling_of",
+    "reads_class_token",
     "ReferenceOutputs",
     "TorchReference",
     "torch_rollout",
     "one_hot",
 ]
+
+
+def pooling_of(model: nn.Module) -> str:
+    """How the head reads the tokens: "token" (the class token) or "avg"/"avgmax"/"max" (patch tokens)."""
+    pool = getattr(model, "global_pool", "token")
+    if getattr(model, "cls_token", None) is None and pool == "token":
+        return "avg"
+    return str(pool)
+
+
+def reads_class_token(model: nn.Module) -> bool:
+    """Rollout starts from the class token's row only when the head reads that token.
+
+    BEiT and EVA have a class token but pool the patch tokens by default; their output never
+    sees the class token's final state, so their rollout starts, like a model without a class
+    token, from the mean of the patch tokens' rows.
+    """
+    return getattr(model, "cls_token", None) is not None and pooling_of(model) == "token"
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -159,7 +179,7 @@ class TorchReference:
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
-        self.has_class_token = getattr(model, "cls_token", None) is not None
+        self.has_class_token = reads_class_token(model)
         self.grid_size = tuple(model.patch_embed.grid_size)
 
     def outputs(self, pixel_values: torch.Tensor, class_weights: torch.Tensor | None = None) -> ReferenceOutputs:

@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import ExportError
 from ..metadata import METADATA_KEY, ModelMetadata, PreprocessConfig
 from ..outputs.files import atomic_write_bytes
-from ..reference import attention_modules
+from ..reference import attention_modules, pooling_of, reads_class_token
 from .graph_surgery import make_gradients_optional
 from .loading import ModelSpec, build_model, class_names_for, weights_sha256
 from .tracing import DEFAULT_OPSET, export_onnx, trace_explain_graph
@@ -59,6 +59,12 @@ def describe_model(model: nn.Module, spec: ModelSpec, class_names_file: Path | N
     if getattr(model, "dynamic_img_size", False):
         raise _unsupported(model, "dynamic image size; export with a fixed --img-size instead")
     attentions = attention_modules(model)
+    unfusable = [m for m in model.modules() if hasattr(m, "fused_attn") and not isinstance(getattr(m, "attn_drop", None), nn.Module)]
+    if unfusable:
+        raise _unsupported(model, f"{type(unfusable[0]).__name__} (an attention-pooling head?) has no attn_drop to tap")
+    pooling = pooling_of(model)
+    if pooling not in ("token", "avg", "avgmax", "max"):
+        raise _unsupported(model, f"global_pool={pooling!r} (the output must be one vector per image)")
     if len(attentions) != len(blocks):
         raise _unsupported(
             model,
@@ -81,7 +87,6 @@ def describe_model(model: nn.Module, spec: ModelSpec, class_names_file: Path | N
         crop_pct=float(data.get("crop_pct") or 0.875),
         crop_mode=str(data.get("crop_mode") or "center"),
     )
-    has_class_token = getattr(model, "cls_token", None) is not None
     return ModelMetadata(
         source_model=spec.name,
         weights=spec.weights_label,
@@ -89,8 +94,9 @@ def describe_model(model: nn.Module, spec: ModelSpec, class_names_file: Path | N
         preprocess=preprocess,
         patch_size=tuple(int(v) for v in patch_embed.patch_size),
         grid_size=tuple(int(v) for v in patch_embed.grid_size),
-        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1 if has_class_token else 0)),
-        has_class_token=has_class_token,
+        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)),
+        has_class_token=reads_class_token(model),
+        pooling=pooling,
         num_layers=len(blocks),
         num_heads=num_heads,
         num_outputs=num_outputs,

@@ -63,7 +63,14 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
     module = importlib.import_module(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except (RuntimeError, ValueError, KeyError) as exc:  # e.g. a position grid that cannot be resampled
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ExportError(
+                f"checkpoint {path.name} does not fit {type(model).__name__}: {reason} "
+                "(check the model name, --num-classes and --img-size)"
+            ) from None
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
