@@ -312,7 +312,7 @@ def test_forward_only_path_returns_no_gradients_and_the_same_forward(family_key,
         INPUT_COMPUTE_GRADIENTS: np.array(False),
     }
     names = [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
-    logits, attentions, gradients = c.session.session.run(names, feeds)
+    logits, attentions, gradients = c.session.full_session.run(names, feeds)
     assert gradients.size == 0 and gradients.ndim == 5
     np.testing.assert_array_equal(logits, c.onnx.logits)
     np.testing.assert_array_equal(attentions, c.onnx.attentions)

@@ -13,7 +13,14 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from ..metadata import INPUT_COMPUTE_GRADIENTS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS, OUTPUT_LOGITS
+from ..metadata import (
+    INPUT_CLASS_WEIGHTS,
+    INPUT_COMPUTE_GRADIENTS,
+    INPUT_PIXELS,
+    OUTPUT_ATTENTIONS,
+    OUTPUT_GRADIENTS,
+    OUTPUT_LOGITS,
+)
 
 __all__ = ["make_gradients_optional"]
 
@@ -34,11 +41,28 @@ def _forward_closure(graph: onnx.GraphProto, outputs: list[str]) -> set[int]:
     return needed
 
 
+def _batch_size_from_pixels(graph: onnx.GraphProto, forward_nodes: set[int]) -> None:
+    """Make the forward nodes read the batch size from the pixels, never from the class weights.
+
+    Both inputs share the symbolic batch dimension, so the exporter may take ``Shape`` of either;
+    the forward-only graph the runtime cuts from this one has no class-weights input at all.
+    """
+    for index in forward_nodes:
+        node = graph.node[index]
+        if INPUT_CLASS_WEIGHTS not in node.input:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Shape" or attributes.get("start", 0) != 0 or attributes.get("end") != 1:
+            raise ValueError(f"the forward graph reads the class weights in {node.op_type} {node.name}")
+        node.input[0] = INPUT_PIXELS
+
+
 def make_gradients_optional(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a copy of ``model`` whose gradient output is computed only when asked for."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     forward_nodes = _forward_closure(graph, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+    _batch_size_from_pixels(graph, forward_nodes)
     forward = [node for index, node in enumerate(graph.node) if index in forward_nodes]
     backward = [node for index, node in enumerate(graph.node) if index not in forward_nodes]
     if not backward:

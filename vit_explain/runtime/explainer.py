@@ -100,9 +100,18 @@ class Explainer:
     calls and may be called from several threads.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, device: str = "auto", threads: int | None = None, graph_batch: int = 8
+    ) -> None:
+        """``graph_batch``: the most images per graph call. Larger batches are explained in chunks:
+        the attention outputs grow with the batch (about 11 MB per image for DeiT-tiny, twice that
+        with gradients) while throughput stops growing near 8 on a CPU, so chunks bound the peak
+        memory at no cost in speed."""
+        if graph_batch < 1:
+            raise ValueError(f"graph_batch must be at least 1, not {graph_batch}")
         self.session = ModelSession(path, device=device, threads=threads)
         self.metadata: ModelMetadata = self.session.metadata
+        self.graph_batch = graph_batch
 
     # -- inputs -------------------------------------------------------------------------
     def preprocess(self, inputs: Sequence[ImageInput] | ImageInput) -> np.ndarray:
@@ -192,6 +201,23 @@ class Explainer:
         batch = pixels.shape[0]
         categories = self._categories(category_index, batch)
 
+        masks, logits, explained = [], [], []
+        for start in range(0, batch, self.graph_batch):
+            chunk = slice(start, start + self.graph_batch)
+            chunk_categories = categories[chunk] if categories is not None else None
+            chunk_masks, chunk_logits, chunk_categories = self._explain_chunk(
+                pixels[chunk], method, head_fusion, discard_ratio, chunk_categories, start_layer
+            )
+            masks.append(chunk_masks)
+            logits.append(chunk_logits)
+            explained.extend(chunk_categories or ())
+        return Explanation(
+            np.concatenate(masks), np.concatenate(logits), method, head_fusion, discard_ratio,
+            tuple(explained) or None, meta, int(start_layer),
+        )
+
+    def _explain_chunk(self, pixels, method, head_fusion, discard_ratio, categories, start_layer):
+        meta = self.metadata
         if method in CLASS_SPECIFIC_METHODS:
             weights, categories = self._class_weights(pixels, categories)
             outputs = self.session.run(pixels, weights)
@@ -204,7 +230,7 @@ class Explainer:
             masks = attention_masks(outputs.attentions, head_fusion, *layout)
         else:
             masks = rollout_masks(outputs.attentions, outputs.gradients, head_fusion, discard_ratio, *layout, start_layer)
-        return Explanation(masks, outputs.logits, method, head_fusion, discard_ratio, categories, meta, int(start_layer))
+        return masks, outputs.logits, categories
 
     def _class_weights(self, pixels: np.ndarray, categories: tuple[int, ...] | None) -> tuple[np.ndarray, tuple[int, ...] | None]:
         batch, num_outputs = pixels.shape[0], self.metadata.num_outputs

@@ -7,10 +7,12 @@ An ``onnxruntime.InferenceSession`` is safe to ``run`` from several threads, so 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from ..errors import DeviceError, ModelFileError
@@ -26,7 +28,7 @@ from ..metadata import (
     ModelMetadata,
 )
 
-__all__ = ["DEVICES", "GraphOutputs", "ModelSession", "resolve_providers"]
+__all__ = ["DEVICES", "GraphOutputs", "ModelSession", "forward_only", "resolve_providers"]
 
 DEVICES = ("auto", "cpu", "cuda")
 _CUDA = "CUDAExecutionProvider"
@@ -50,6 +52,39 @@ def resolve_providers(device: str) -> list[str]:
     raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def forward_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph without its backward branch: pixels in, logits and attentions out.
+
+    The export put every gradient-only node under one ``If``; dropping that node, the gradient
+    output, the two inputs only it reads, and the initializers only it used leaves the plain
+    forward graph, with the same weights as the file.
+    """
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    graph = pruned.graph
+    kept_nodes = [node for node in graph.node if OUTPUT_GRADIENTS not in node.output]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    used = {name for node in kept_nodes for name in node.input}
+    if INPUT_CLASS_WEIGHTS in used:
+        raise ModelFileError("the model's forward graph reads the class weights: re-export it with this vit-explain")
+    kept_outputs = [o for o in graph.output if o.name != OUTPUT_GRADIENTS]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    kept_inputs = [i for i in graph.input if i.name in used or i.name == INPUT_PIXELS]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    kept_initializers = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    return pruned
+
+
 @dataclass(frozen=True)
 class GraphOutputs:
     logits: np.ndarray  # [B, C]
@@ -58,28 +93,40 @@ class GraphOutputs:
 
 
 class ModelSession:
-    """A vit-explain model loaded for inference."""
+    """A vit-explain model loaded for inference.
+
+    Two onnxruntime sessions are made from the one file, each on first use: the full graph
+    (forward + the optional backward) for the class-specific methods, and a forward-only graph
+    pruned from it for rollout. The pruned graph matters for memory, not only speed: in the full
+    graph the forward values the backward branch reads stay alive until the ``If`` node runs,
+    even when it takes the empty branch (about 3x the working memory at batch 32).
+    """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFileError(f"model file not found: {self.path}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: a user's terminal is not a log
+        self.providers = resolve_providers(device)
+        self._options = ort.SessionOptions()
+        self._options.log_severity_level = 3  # errors only: a user's terminal is not a log
         if threads:
-            options.intra_op_num_threads = threads
-        providers = resolve_providers(device)
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types here
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ModelFileError(f"{self.path} is not a readable ONNX model ({reason})") from None
-        self.providers = self.session.get_providers()
-        self.metadata = self._read_metadata()
-        self._check_interface()
+            self._options.intra_op_num_threads = threads
+        model = self._load_proto()
+        self.metadata = self._read_metadata(model)
+        self._check_interface(model)
+        self._forward_bytes: bytes | None = forward_only(model).SerializeToString()
+        del model
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
 
-    def _read_metadata(self) -> ModelMetadata:
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    def _load_proto(self) -> onnx.ModelProto:
+        try:
+            return onnx.load(str(self.path))
+        except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise several unrelated types here
+            raise ModelFileError(f"{self.path} is not a readable ONNX model ({_one_line(exc)})") from None
+
+    def _read_metadata(self, model: onnx.ModelProto) -> ModelMetadata:
+        raw = {prop.key: prop.value for prop in model.metadata_props}.get(METADATA_KEY)
         if raw is None:
             raise ModelFileError(
                 f"{self.path} is an ONNX model but not a vit-explain export (no '{METADATA_KEY}' metadata); "
@@ -90,43 +137,71 @@ class ModelSession:
         except MetadataError as exc:
             raise ModelFileError(f"{self.path}: {exc}") from None
 
-    def _check_interface(self) -> None:
-        inputs = {i.name for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
+    def _check_interface(self, model: onnx.ModelProto) -> None:
+        inputs = {i.name for i in model.graph.input}
+        outputs = {o.name for o in model.graph.output}
         expected_in = {INPUT_PIXELS, INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS}
         expected_out = {OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS}
         if not expected_in <= inputs or not expected_out <= outputs:
             raise ModelFileError(f"{self.path}: graph inputs/outputs do not match vit-explain's interface")
+
+    def _session(self, kind: str) -> ort.InferenceSession:
+        session = self._sessions.get(kind)
+        if session is not None:
+            return session
+        with self._lock:  # one creation per kind, even when first calls race
+            if kind not in self._sessions:
+                source = self._forward_bytes if kind == "forward" else str(self.path)
+                try:
+                    self._sessions[kind] = ort.InferenceSession(source, self._options, providers=self.providers)
+                except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types here
+                    raise ModelFileError(f"{self.path} cannot be loaded by onnxruntime ({_one_line(exc)})") from None
+                if kind == "forward":
+                    self._forward_bytes = None
+            return self._sessions[kind]
+
+    @property
+    def full_session(self) -> ort.InferenceSession:
+        """The whole graph, with the ``compute_gradients`` input."""
+        return self._session("full")
+
+    @property
+    def forward_session(self) -> ort.InferenceSession:
+        """The forward-only graph: ``pixel_values`` in, ``logits`` and ``attentions`` out."""
+        return self._session("forward")
 
     @property
     def uses_cuda(self) -> bool:
         return self.providers[0] == _CUDA
 
     def run(self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None) -> GraphOutputs:
-        """One graph call; the backward half runs only when ``class_weights`` is given."""
-        batch = pixel_values.shape[0]
-        want_gradients = class_weights is not None
+        """One graph call: forward only, or forward + attention gradients when ``class_weights`` is given."""
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if class_weights is None:
-            class_weights = np.zeros((batch, self.metadata.num_outputs), dtype=np.float32)
+            logits, attentions = self._run(self.forward_session, {INPUT_PIXELS: pixels}, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+            return GraphOutputs(logits, attentions, None)
         feeds = {
-            INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32),
+            INPUT_PIXELS: pixels,
             INPUT_CLASS_WEIGHTS: np.ascontiguousarray(class_weights, dtype=np.float32),
-            INPUT_COMPUTE_GRADIENTS: np.array(want_gradients),
+            INPUT_COMPUTE_GRADIENTS: np.array(True),
         }
-        names = [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
-        if self.uses_cuda:
-            logits, attentions, gradients = self._run_bound(feeds, names)
-        else:
-            logits, attentions, gradients = self.session.run(names, feeds)
-        return GraphOutputs(logits, attentions, gradients if want_gradients else None)
+        logits, attentions, gradients = self._run(
+            self.full_session, feeds, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
+        )
+        return GraphOutputs(logits, attentions, gradients)
 
-    def _run_bound(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        if self.uses_cuda:
+            return self._run_bound(session, feeds, names)
+        return session.run(names, feeds)
+
+    def _run_bound(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         """CUDA: I/O binding, so inputs are copied to the device once and outputs land in host memory
         directly (the rollout maths runs in numpy). A binding per call keeps ``run`` thread-safe."""
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for name in names:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
