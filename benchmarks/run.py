@@ -80,6 +80,21 @@ def ensure_model(name: str, models_dir: Path) -> tuple[Path, bool]:
     return path, True
 
 
+def code_state() -> str:
+    """The commit measured, and which package files differ from it (others may be editing)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "vit_explain").splitlines()]
+    return f"{commit}" + (f", with uncommitted changes to {', '.join(dirty)}" if dirty else ", clean")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deit_tiny_patch16_224")
@@ -107,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     log(image_note)
 
     onnx_path, exported = ensure_model(args.model, args.models_dir)
+    code = code_state()
     info_before = machine_info()
     started = time.perf_counter()
     try:
@@ -128,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `python {shlex.join(['benchmarks/run.py', *(argv if argv is not None else sys.argv[1:])])}`",
         f"- model: {onnx_path.name}, weights random (seed 0){' (exported for this run)' if exported else ''}: "
         "no network here; latency and memory do not depend on weight values",
+        f"- code: {code}",
         f"- images: {image_note}; batches cycle through them",
         f"- CPU: {info['cpu']}, {info['cores']} cores; threads: {args.threads} "
         "(torch.set_num_threads, onnxruntime intra_op_num_threads, OMP/BLAS env vars)",

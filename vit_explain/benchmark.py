@@ -625,6 +625,11 @@ class _RuntimePipeline:
         self.graph_only = graph_only
         self.categories = categories_for(config["batch"], meta.num_outputs) if self.method == "grad_rollout" else None
         self.pixels = self.weights = None
+        # The graph calls ``explain`` makes: one per chunk of ``graph_batch`` images where the
+        # Explainer has that setting, so "outside the graph" compares like with like.
+        self.chunk = int(getattr(self.explainer, "graph_batch", 0) or len(self.paths))
+        if graph_only and self.chunk < len(self.paths):
+            self.notes.append(f"the Explainer runs the graph on chunks of {self.chunk} images; the graph pipeline does the same")
         if graph_only:
             self.pixels = self.explainer.preprocess(self.paths)
             if self.categories is not None:
@@ -633,7 +638,9 @@ class _RuntimePipeline:
 
     def __call__(self):
         if self.graph_only:
-            self.explainer.session.run(self.pixels, self.weights)
+            for start in range(0, len(self.paths), self.chunk):
+                part = slice(start, start + self.chunk)
+                self.explainer.session.run(self.pixels[part], None if self.weights is None else self.weights[part])
             return None
         result = self.explainer.explain(
             self.paths, method=self.method, head_fusion=HEAD_FUSION[self.method],
