@@ -146,7 +146,7 @@ def torch_rollout(
     With gradients, each layer's map is ``clamp(fuse(A * G), min=0)`` (gradient rollout).
     """
     batch, _, tokens, _ = attentions[0].shape
-    eye = torch.eye(tokens, dtype=torch.float64)
+    eye = torch.eye(tokens, dtype=torch.float64, device=attentions[0].device)
     result = eye.expand(batch, tokens, tokens).clone()
     with torch.no_grad():
         for layer, attention in enumerate(attentions):
@@ -221,7 +221,7 @@ class TorchReference:
         elif method == "grad_rollout":
             if category_index is None:
                 raise ValueError("grad_rollout needs category_index")
-            weights = one_hot(category_index, pixel_values.shape[0], self.num_outputs(pixel_values))
+            weights = one_hot(category_index, pixel_values.shape[0], self.num_outputs(pixel_values)).to(pixel_values.device)
             out = self.outputs(pixel_values, weights)
             row = torch_rollout(
                 list(out.attentions), list(out.gradients), head_fusion, discard_ratio,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from ..metadata import ModelMetadata
 from .images import load_image
-from .preprocess import preprocess_batch
+from .preprocess import preprocess_batch, preprocess_image
 from .rollout import (
     CLASS_SPECIFIC_METHODS,
     HEAD_FUSIONS,
@@ -112,14 +113,21 @@ class Explainer:
         self.session = ModelSession(path, device=device, threads=threads)
         self.metadata: ModelMetadata = self.session.metadata
         self.graph_batch = graph_batch
+        # Image decoding and the rollout maths run outside the graph call; a pool as wide as the
+        # graph's thread count (2 at most: more rarely pays) spreads them over the cores.
+        self.workers = max(1, min(2, threads or os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vit-explain") if self.workers > 1 else None
 
     # -- inputs -------------------------------------------------------------------------
     def preprocess(self, inputs: Sequence[ImageInput] | ImageInput) -> np.ndarray:
         """Paths or PIL images -> ``[B, 3, H, W]`` float32, exactly as timm's eval transform."""
         if isinstance(inputs, (str, os.PathLike, Image.Image)):
             inputs = [inputs]
-        images = [load_image(item) for item in inputs]
-        return preprocess_batch(images, self.metadata.preprocess)
+        config = self.metadata.preprocess
+        if len(inputs) < 2 or self.workers < 2:
+            return preprocess_batch([load_image(item) for item in inputs], config)
+        # Decoding and resizing release the GIL: a small pool overlaps them across images.
+        return np.stack(list(self._pool.map(lambda item: preprocess_image(load_image(item), config), inputs)))
 
     def _pixels(self, inputs) -> np.ndarray:
         if isinstance(inputs, np.ndarray):
@@ -224,13 +232,23 @@ class Explainer:
         else:
             outputs = self.session.run(pixels)
         layout = (meta.num_prefix_tokens, meta.grid_size, meta.has_class_token)
-        if method == "gae":
-            masks = gae_masks(outputs.attentions, outputs.gradients, *layout, start_layer)
-        elif method == "attention":
-            masks = attention_masks(outputs.attentions, head_fusion, *layout)
-        else:
-            masks = rollout_masks(outputs.attentions, outputs.gradients, head_fusion, discard_ratio, *layout, start_layer)
-        return masks, outputs.logits, categories
+
+        def masks_for(items: slice) -> np.ndarray:
+            attentions = outputs.attentions[:, items]
+            gradients = None if outputs.gradients is None else outputs.gradients[:, items]
+            if method == "gae":
+                return gae_masks(attentions, gradients, *layout, start_layer)
+            if method == "attention":
+                return attention_masks(attentions, head_fusion, *layout)
+            return rollout_masks(attentions, gradients, head_fusion, discard_ratio, *layout, start_layer)
+
+        batch = pixels.shape[0]
+        if batch < 2 or self.workers < 2:
+            return masks_for(slice(None)), outputs.logits, categories
+        # Each image's maths is independent and numpy releases the GIL in it: split the batch.
+        bounds = np.linspace(0, batch, min(self.workers, batch) + 1).astype(int)
+        parts = self._pool.map(masks_for, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+        return np.concatenate(list(parts)), outputs.logits, categories
 
     def _class_weights(self, pixels: np.ndarray, categories: tuple[int, ...] | None) -> tuple[np.ndarray, tuple[int, ...] | None]:
         batch, num_outputs = pixels.shape[0], self.metadata.num_outputs

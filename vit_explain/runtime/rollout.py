@@ -93,7 +93,10 @@ def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
         return fused
     cut = np.partition(flat, count - 1, axis=1)[:, count - 1 : count]
     keep = flat > cut
-    tied = np.flatnonzero(np.count_nonzero(keep, axis=1) != flat.shape[1] - count)
+    # Rows where several entries tie at the cut. A cut of 0 (common after gradient rollout's
+    # clamp) needs no tie-break: the maps are non-negative, so "> 0" keeps exactly what zeroing
+    # the lowest ``count`` would, the other zeros staying zero either way.
+    tied = np.flatnonzero((np.count_nonzero(keep, axis=1) != flat.shape[1] - count) & (cut[:, 0] != 0))
     for item in tied:  # several entries equal to the cut: drop exactly ``count`` of them
         keep[item] = True
         keep[item, np.argpartition(flat[item], count - 1)[:count]] = False

@@ -111,6 +111,9 @@ class ModelSession:
         self._options.log_severity_level = 3  # errors only: a user's terminal is not a log
         if threads:
             self._options.intra_op_num_threads = threads
+        # The memory-pattern planner pre-allocates one block for the largest batch seen; without it
+        # the working memory at batch 8 is ~30% (forward) to ~50% (gradients) lower, at equal speed.
+        self._options.enable_mem_pattern = False
         model = self._load_proto()
         self.metadata = self._read_metadata(model)
         self._check_interface(model)
