@@ -911,3 +911,12 @@ def test_export_pretrained_offline_names_weights_path(tmp_path, monkeypatch):
         assert len(errors) == 1 and "--weights PATH" in errors[0], result.stderr
         assert result.stdout == ""
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_cli_method_choices_are_the_runtime_methods():
+    """The CLI keeps its method list literal (importing the runtime is slow); it must not drift."""
+    from vit_explain import cli
+    from vit_explain.runtime.rollout import HEAD_FUSIONS, METHODS
+
+    assert cli.METHODS == METHODS
+    assert cli.HEAD_FUSIONS == HEAD_FUSIONS

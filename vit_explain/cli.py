@@ -1,4 +1,4 @@
-"""The ``vit-explain`` command line: export, explain, info.
+"""The ``vit-explain`` command line: export, explain, evaluate, info.
 
 Bad arguments are click usage errors (one line, exit code 2); anything vit-explain reports
 about models, images or exports is one ``Error:`` line with exit code 1; never a traceback.
