@@ -86,8 +86,8 @@ def info(model: Path) -> None:
     for key, value in meta.describe().items():
         click.echo(f"{key:>15}: {value}")
     if meta.class_names:
-        shown = ", ".join(meta.class_names[:5])
-        click.echo(f"{'class names':>15}: {shown}, ... ({len(meta.class_names)})")
+        shown = ", ".join(meta.class_names[:5]) + (", ..." if len(meta.class_names) > 5 else "")
+        click.echo(f"{'class names':>15}: {shown} ({len(meta.class_names)})")
     click.echo(f"{'file':>15}: {model} ({model.stat().st_size / 1e6:.1f} MB)")
 
 

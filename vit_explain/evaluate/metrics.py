@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MetricSpec", "METRICS", "METRIC_NAMES", "trapezoid_auc", "softmax", "cosine_similarity"]
+__all__ = ["MetricSpec", "METRICS", "METRIC_NAMES", "trapezoid_auc", "cosine_similarity"]
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,6 @@ def trapezoid_auc(fractions: np.ndarray, scores: np.ndarray) -> np.ndarray:
     if x.shape[0] < 2:
         return np.zeros(y.shape[:-1])
     return ((y[..., 1:] + y[..., :-1]) * np.diff(x)).sum(axis=-1) / 2.0
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

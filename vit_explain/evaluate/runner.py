@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..runtime.explainer import expand_category_index, softmax
 from ..runtime.rollout import METHODS
-from .metrics import METRIC_NAMES, METRICS, cosine_similarity, softmax
+from .metrics import METRIC_NAMES, METRICS, cosine_similarity
 from .perturbation import (
     BASELINES,
     baseline_images,
@@ -70,20 +71,6 @@ def _baseline(kind: str, name: str) -> str:
     if kind not in BASELINES:
         raise ValueError(f"{name} must be one of {', '.join(BASELINES)}, not {kind!r}")
     return kind
-
-
-def _targets(category_index, batch: int, num_outputs: int) -> tuple[int, ...] | None:
-    if category_index is None:
-        return None
-    indices = [category_index] if isinstance(category_index, (int, np.integer)) else list(category_index)
-    if len(indices) == 1:
-        indices = indices * batch
-    if len(indices) != batch:
-        raise ValueError(f"got {len(indices)} category indices for {batch} images (give one, or one per image)")
-    for index in indices:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= int(index) < num_outputs:
-            raise ValueError(f"category index {index!r} is out of range: the model has {num_outputs} outputs (0..{num_outputs - 1})")
-    return tuple(int(i) for i in indices)
 
 
 def _score_batches(score_fn: ScoreFn, pixels: np.ndarray, batch_size: int, tick: Callable[[int], None]) -> np.ndarray:
@@ -396,7 +383,7 @@ def evaluate(
     if count == 0:
         raise ValueError("no images to evaluate")
     score_fn = score_fn or session_score_fn(explainer)
-    targets = _targets(category_index, count, meta.num_outputs)
+    targets = expand_category_index(category_index, count, meta.num_outputs)
 
     clean = _score_batches(score_fn, pixels, batch_size, lambda n: None)
     if meta.output_kind == "logits" and targets is None:

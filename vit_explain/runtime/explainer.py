@@ -50,6 +50,8 @@ ImageInput = str | os.PathLike | Image.Image
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities in float64 (stable: the row maximum is subtracted first)."""
+    logits = np.asarray(logits, dtype=np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
@@ -87,6 +89,23 @@ class Explanation:
             "discard_ratio": self.discard_ratio,
             "start_layer": self.start_layer,
         }
+
+
+def expand_category_index(category_index, batch: int, num_outputs: int, kind: str = "outputs") -> tuple[int, ...] | None:
+    """One category per image from ``None``, one int, or one per image; a clear ValueError otherwise."""
+    if category_index is None:
+        return None
+    indices = [category_index] if isinstance(category_index, (int, np.integer)) else list(category_index)
+    if len(indices) == 1:
+        indices = indices * batch
+    if len(indices) != batch:
+        raise ValueError(f"got {len(indices)} category indices for {batch} images (give one, or one per image)")
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= int(index) < num_outputs:
+            raise ValueError(
+                f"category index {index!r} is out of range: the model has {num_outputs} {kind} (0..{num_outputs - 1})"
+            )
+    return tuple(int(i) for i in indices)
 
 
 class Explainer:
@@ -142,19 +161,8 @@ class Explainer:
 
     # -- checks ---------------------------------------------------------------------------
     def _categories(self, category_index, batch: int) -> tuple[int, ...] | None:
-        if category_index is None:
-            return None
-        indices = [category_index] if isinstance(category_index, (int, np.integer)) else list(category_index)
-        if len(indices) == 1:
-            indices = indices * batch
-        if len(indices) != batch:
-            raise ValueError(f"got {len(indices)} category indices for {batch} images (give one, or one per image)")
-        limit = self.metadata.num_outputs
-        for index in indices:
-            if not isinstance(index, (int, np.integer)) or not 0 <= int(index) < limit:
-                kind = "classes" if self.metadata.output_kind == "logits" else "output features"
-                raise ValueError(f"category index {index} is out of range: the model has {limit} {kind} (0..{limit - 1})")
-        return tuple(int(i) for i in indices)
+        kind = "classes" if self.metadata.output_kind == "logits" else "output features"
+        return expand_category_index(category_index, batch, self.metadata.num_outputs, kind)
 
     def resolve_settings(
         self, method: str | None, head_fusion: str | None, discard_ratio: float | None, has_category: bool
