@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +101,33 @@ def _first(keys: list[str], count: int = 4) -> str:
     return f"[{shown}{more}]"
 
 
+@contextlib.contextmanager
+def _offline_when_hub_unreachable(host: str = "huggingface.co") -> Iterator[None]:
+    """Use huggingface_hub's offline mode when its host does not even resolve.
+
+    Without network, the hub client retries with back-off for about a minute before failing;
+    offline mode still loads weights from the local cache and fails at once otherwise.
+    """
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        pass
+    else:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """The eval-mode timm model for ``spec``; never silently random when weights were asked for."""
     if spec.weights == "random":
@@ -105,7 +135,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         model = _create(spec, pretrained=False)
     elif spec.weights == "pretrained":
         try:
-            model = _create(spec, pretrained=True)
+            with _offline_when_hub_unreachable():
+                model = _create(spec, pretrained=True)
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
