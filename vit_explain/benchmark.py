@@ -533,18 +533,6 @@ def _current_rss_bytes() -> int:
         return _peak_rss_bytes()
 
 
-def _weights_sha256(model) -> str:
-    """``vit_explain.export.loading.weights_sha256``, repeated here: importing ``vit_explain.export``
-    would load onnx and onnxscript into the reference process and inflate its memory and setup."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 class _ReferencePipeline:
     """PIL + timm transform + TorchReference.masks, as a PyTorch user would write it."""
 
@@ -553,7 +541,7 @@ class _ReferencePipeline:
         import torch
         from PIL import Image
 
-        from vit_explain.reference import TorchReference
+        from vit_explain.reference import TorchReference, weights_sha256
 
         self.torch, self.Image = torch, Image
         torch.set_num_threads(config["threads"])
@@ -562,7 +550,7 @@ class _ReferencePipeline:
         model = timm.create_model(config["model_name"], pretrained=False, **config["model_kwargs"]).eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        self.weights_sha256 = _weights_sha256(model)
+        self.weights_sha256 = weights_sha256(model)
         self.transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
         self.reference = TorchReference(model.to(self.device))
         self.paths = _batch_paths(config["images"], config["batch"])
@@ -570,38 +558,16 @@ class _ReferencePipeline:
         num_outputs = int(getattr(model, "num_classes", 0) or model.num_features)
         self.categories = categories_for(config["batch"], num_outputs) if self.method == "grad_rollout" else None
         self.notes: list[str] = []
-        if self.device.type == "cuda":
-            self.notes.append(
-                "cuda: TorchReference.masks mixes CPU and CUDA tensors (torch.eye / one_hot on CPU), so the "
-                "reference runs its forward/backward on CUDA and its rollout on CPU"
-            )
 
     def __call__(self):
         torch = self.torch
         pixels = torch.stack([self.transform(self.Image.open(p).convert("RGB")) for p in self.paths])
         pixels = pixels.to(self.device)
-        kwargs = dict(head_fusion=HEAD_FUSION[self.method], discard_ratio=DISCARD_RATIO)
-        if self.device.type == "cpu":
-            masks = self.reference.masks(pixels, method=self.method, category_index=self.categories, **kwargs)
-        else:
-            masks = self._masks_cuda(pixels, **kwargs)
-        return masks.cpu().numpy()
-
-    def _masks_cuda(self, pixels, head_fusion: str, discard_ratio: float):
-        from vit_explain.reference import one_hot, torch_rollout
-
-        ref, torch = self.reference, self.torch
-        weights = None
-        if self.categories is not None:
-            weights = one_hot(self.categories, pixels.shape[0], ref.num_outputs(pixels)).to(pixels.device)
-        out = ref.outputs(pixels, weights)
-        gradients = None if out.gradients is None else list(out.gradients.cpu())
-        row = torch_rollout(
-            list(out.attentions.cpu()), gradients, head_fusion, discard_ratio, ref.num_prefix_tokens, ref.has_class_token
+        masks = self.reference.masks(
+            pixels, method=self.method, category_index=self.categories,
+            head_fusion=HEAD_FUSION[self.method], discard_ratio=DISCARD_RATIO,
         )
-        peak = row.max(dim=-1, keepdim=True).values
-        row = torch.where(peak > 0, row / torch.where(peak > 0, peak, 1), torch.zeros_like(row))
-        return row.reshape(row.shape[0], *ref.grid_size)
+        return masks.cpu().numpy()
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

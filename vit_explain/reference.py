@@ -19,6 +19,7 @@ two share no maths code.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ __all__ = [
     "TorchReference",
     "torch_rollout",
     "one_hot",
+    "weights_sha256",
 ]
 
 
@@ -247,3 +249,15 @@ def one_hot(category_index: Sequence[int], batch: int, num_outputs: int) -> torc
     weights = torch.zeros(batch, num_outputs)
     weights[torch.arange(batch), torch.tensor(indices)] = 1.0
     return weights
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A stable hash of a model's parameters and buffers (provenance in the exported artifact).
+
+    It lives here, beside the other eager-model helpers, so that a process holding only the
+    reference (the benchmark's) can compute it without importing the ONNX exporter."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -14,8 +14,9 @@ import timm
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..metadata import parse_img_size
+from ..reference import weights_sha256
 
 __all__ = ["ModelSpec", "build_model", "weights_sha256", "class_names_for"]
 
@@ -69,9 +70,8 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
         try:
             state_dict = filter_fn(state_dict, model)
         except (RuntimeError, ValueError, KeyError) as exc:  # e.g. a position grid that cannot be resampled
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ExportError(
-                f"checkpoint {path.name} does not fit {type(model).__name__}: {reason} "
+                f"checkpoint {path.name} does not fit {type(model).__name__}: {first_line(exc)} "
                 "(check the model name, --num-classes and --img-size)"
             ) from None
     try:
@@ -140,9 +140,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(
-                f"pretrained weights for {spec.name} could not be loaded ({type(exc).__name__}: {reason[:200]}). "
+                f"pretrained weights for {spec.name} could not be loaded ({type(exc).__name__}: {first_line(exc)}). "
                 "Without network access, pass a local state dict with --weights PATH "
                 "(or --weights random for a test model)"
             ) from None
@@ -152,15 +151,6 @@ def build_model(spec: ModelSpec) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """A stable hash of the parameters and buffers actually exported (provenance in the artifact)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def class_names_for(model: nn.Module, num_outputs: int, names_file: Path | None = None) -> tuple[str, ...]:
