@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["VitExplainError", "ModelFileError", "DeviceError", "ImageError", "ExportError", "ParityError"]
+__all__ = ["first_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "ExportError", "ParityError"]
 
 
 class VitExplainError(Exception):
@@ -27,3 +27,10 @@ class ExportError(VitExplainError):
 
 class ParityError(ExportError):
     """The exported graph disagrees with the eager PyTorch model beyond tolerance: nothing is saved."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type when empty): third-party errors
+    (onnxruntime, protobuf, the hub client) can span pages, a user needs the gist."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

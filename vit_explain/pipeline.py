@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import ImageError
-from .outputs import InputImage, output_stem, overlay, save_json, save_npy, save_png
+from .outputs import InputImage, ReportEntry, output_stem, overlay, save_json, save_npy, save_png
 from .runtime import Explainer
 from .runtime.images import load_image
 from .runtime.rollout import CLASS_SPECIFIC_METHODS
@@ -189,13 +189,11 @@ def _write_outputs(item, files, image, index, per_category, top5, explainer, set
     return ImageOutcome(item, "done", files=files)
 
 
-def report_entries(outcomes: Sequence[ImageOutcome], limit: int = 1000) -> list:
+def report_entries(outcomes: Sequence[ImageOutcome], limit: int = 1000) -> list[ReportEntry]:
     """Report rows rebuilt from the files on disk, so resumed (skipped) images appear too.
 
     Thumbnails are made one image at a time; ``limit`` bounds the report for huge runs.
     """
-    from .outputs import ReportEntry
-
     entries = []
     for outcome in outcomes[:limit]:
         source = str(outcome.item.path)
@@ -215,9 +213,7 @@ def _thumbnail(image: Image.Image, width: int = 200) -> Image.Image:
     return image
 
 
-def _report_entry(outcome: ImageOutcome, source: str):
-    from .outputs import ReportEntry
-
+def _report_entry(outcome: ImageOutcome, source: str) -> ReportEntry:
     thumb = _thumbnail(load_image(outcome.item.path))
     maps = []
     for key, path in outcome.files.items():

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import DeviceError, ModelFileError
+from ..errors import DeviceError, ModelFileError, first_line
 from ..metadata import (
     INPUT_CLASS_WEIGHTS,
     INPUT_COMPUTE_GRADIENTS,
@@ -50,11 +50,6 @@ def resolve_providers(device: str) -> list[str]:
     if device == "auto":
         return [_CUDA, _CPU] if _CUDA in available else [_CPU]
     raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def forward_only(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -126,7 +121,7 @@ class ModelSession:
         try:
             return onnx.load(str(self.path))
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise several unrelated types here
-            raise ModelFileError(f"{self.path} is not a readable ONNX model ({_one_line(exc)})") from None
+            raise ModelFileError(f"{self.path} is not a readable ONNX model ({first_line(exc)})") from None
 
     def _read_metadata(self, model: onnx.ModelProto) -> ModelMetadata:
         raw = {prop.key: prop.value for prop in model.metadata_props}.get(METADATA_KEY)
@@ -158,7 +153,7 @@ class ModelSession:
                 try:
                     self._sessions[kind] = ort.InferenceSession(source, self._options, providers=self.providers)
                 except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types here
-                    raise ModelFileError(f"{self.path} cannot be loaded by onnxruntime ({_one_line(exc)})") from None
+                    raise ModelFileError(f"{self.path} cannot be loaded by onnxruntime ({first_line(exc)})") from None
                 if kind == "forward":
                     self._forward_bytes = None
             return self._sessions[kind]
