@@ -13,6 +13,7 @@ from PIL import Image
 from ..metadata import ModelMetadata
 from .images import load_image
 from .preprocess import preprocess_batch, preprocess_image
+from .graph_variants import FUSED_METHODS
 from .rollout import (
     CLASS_SPECIFIC_METHODS,
     HEAD_FUSIONS,
@@ -20,7 +21,10 @@ from .rollout import (
     attention_masks,
     check_start_layer,
     gae_masks,
+    gae_rows_from_fused,
     rollout_masks,
+    rollout_rows_from_fused,
+    rows_to_masks,
 )
 from .session import ModelSession
 
@@ -121,17 +125,30 @@ class Explainer:
     """
 
     def __init__(
-        self, path: str | os.PathLike, device: str = "auto", threads: int | None = None, graph_batch: int = 8
+        self,
+        path: str | os.PathLike,
+        device: str = "auto",
+        threads: int | None = None,
+        graph_batch: int | None = None,
+        fuse_in_graph: bool | None = None,
     ) -> None:
-        """``graph_batch``: the most images per graph call. Larger batches are explained in chunks:
-        the attention outputs grow with the batch (about 11 MB per image for DeiT-tiny, twice that
-        with gradients) while throughput stops growing near 8 on a CPU, so chunks bound the peak
-        memory at no cost in speed."""
-        if graph_batch < 1:
-            raise ValueError(f"graph_batch must be at least 1, not {graph_batch}")
+        """``graph_batch``: the most images per graph call (default 8 on the CPU, 64 on CUDA).
+        Larger batches are explained in chunks: the attention outputs grow with the batch (about
+        11 MB per image for DeiT-tiny, twice that with gradients) while CPU throughput stops
+        growing near 8, so chunks bound the peak memory at no cost in speed.
+
+        ``fuse_in_graph`` (default: on CUDA only): fuse the heads inside the graph
+        (:meth:`ModelSession.run_fused`), so ``heads`` times less data leaves the GPU and the
+        numpy maths reads one map per layer. On a CPU it is no faster than fusing in numpy (the
+        graph's float64 product and reductions cost what numpy's do), so the raw outputs are used.
+        Both give the same masks."""
         self.session = ModelSession(path, device=device, threads=threads)
         self.metadata: ModelMetadata = self.session.metadata
+        graph_batch = graph_batch or (64 if self.session.uses_cuda else 8)
+        if graph_batch < 1:
+            raise ValueError(f"graph_batch must be at least 1, not {graph_batch}")
         self.graph_batch = graph_batch
+        self.fuse_in_graph = self.session.uses_cuda if fuse_in_graph is None else bool(fuse_in_graph)
         # Image decoding and the rollout maths run outside the graph call; a pool as wide as the
         # graph's thread count (2 at most: more rarely pays) spreads them over the cores.
         self.workers = max(1, min(2, threads or os.cpu_count() or 1))
@@ -234,12 +251,27 @@ class Explainer:
 
     def _explain_chunk(self, pixels, method, head_fusion, discard_ratio, categories, start_layer):
         meta = self.metadata
+        weights = None
         if method in CLASS_SPECIFIC_METHODS:
             weights, categories = self._class_weights(pixels, categories)
-            outputs = self.session.run(pixels, weights)
+        if self.fuse_in_graph and method in FUSED_METHODS:
+            logits, fused = self.session.run_fused(pixels, method, head_fusion, weights)
+            masks_for = self._fused_masks(fused, method, discard_ratio, start_layer)
         else:
-            outputs = self.session.run(pixels)
-        layout = (meta.num_prefix_tokens, meta.grid_size, meta.has_class_token)
+            outputs = self.session.run(pixels, weights)
+            logits = outputs.logits
+            masks_for = self._raw_masks(outputs, method, head_fusion, discard_ratio, start_layer)
+        batch = pixels.shape[0]
+        if batch < 2 or self.workers < 2:
+            return masks_for(slice(None)), logits, categories
+        # Each image's maths is independent and numpy releases the GIL in it: split the batch.
+        bounds = np.linspace(0, batch, min(self.workers, batch) + 1).astype(int)
+        parts = self._pool.map(masks_for, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+        return np.concatenate(list(parts)), logits, categories
+
+    def _raw_masks(self, outputs, method, head_fusion, discard_ratio, start_layer):
+        """Masks for a slice of the batch, from the graph's raw per-head outputs."""
+        layout = (self.metadata.num_prefix_tokens, self.metadata.grid_size, self.metadata.has_class_token)
 
         def masks_for(items: slice) -> np.ndarray:
             attentions = outputs.attentions[:, items]
@@ -250,13 +282,22 @@ class Explainer:
                 return attention_masks(attentions, head_fusion, *layout)
             return rollout_masks(attentions, gradients, head_fusion, discard_ratio, *layout, start_layer)
 
-        batch = pixels.shape[0]
-        if batch < 2 or self.workers < 2:
-            return masks_for(slice(None)), outputs.logits, categories
-        # Each image's maths is independent and numpy releases the GIL in it: split the batch.
-        bounds = np.linspace(0, batch, min(self.workers, batch) + 1).astype(int)
-        parts = self._pool.map(masks_for, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
-        return np.concatenate(list(parts)), outputs.logits, categories
+        return masks_for
+
+    def _fused_masks(self, fused, method, discard_ratio, start_layer):
+        """Masks for a slice of the batch, from maps the graph already fused per layer."""
+        meta = self.metadata
+
+        def masks_for(items: slice) -> np.ndarray:
+            if method == "gae":
+                rows = gae_rows_from_fused(fused[:, items], meta.num_prefix_tokens, meta.has_class_token, start_layer)
+            else:
+                rows = rollout_rows_from_fused(
+                    fused[:, items], discard_ratio, meta.num_prefix_tokens, meta.has_class_token, start_layer
+                )
+            return rows_to_masks(rows, meta.grid_size)
+
+        return masks_for
 
     def _class_weights(self, pixels: np.ndarray, categories: tuple[int, ...] | None) -> tuple[np.ndarray, tuple[int, ...] | None]:
         batch, num_outputs = pixels.shape[0], self.metadata.num_outputs

@@ -45,9 +45,12 @@ __all__ = [
     "fuse_heads",
     "discard_lowest",
     "check_start_layer",
+    "kth_smallest",
     "rollout_rows",
+    "rollout_rows_from_fused",
     "rollout_masks",
     "gae_rows",
+    "gae_rows_from_fused",
     "gae_masks",
     "attention_rows",
     "attention_masks",
@@ -75,12 +78,37 @@ def fuse_heads(attention: np.ndarray, head_fusion: str) -> np.ndarray:
         raise ValueError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, not {head_fusion!r}") from None
 
 
+def kth_smallest(flat: np.ndarray, index: int) -> np.ndarray:
+    """Per row of ``flat`` ``[B, n]``, the value at sorted position ``index``: ``[B, 1]``.
+
+    The same values as ``np.partition(flat, index, axis=1)[:, index:index + 1]``, but the maps
+    discarded here are non-negative and often mostly exact zeros (after gradient rollout's
+    clamp about half of a layer's entries, in the last layer nearly all of them), and numpy's
+    introselect slows down by an order of magnitude on such ties. So each row is split at zero
+    first: when the wanted rank falls among the entries ``<= 0`` and none is negative, the
+    answer is 0 without any selection; otherwise only the side that holds it is partitioned.
+    """
+    result = np.empty((flat.shape[0], 1), dtype=flat.dtype)
+    lower = flat <= 0  # NaN, if any, goes with the upper side, where numpy sorts it (last)
+    lower_count = np.count_nonzero(lower, axis=1)
+    for item, row in enumerate(flat):
+        if index < lower_count[item]:
+            side, rank = row[lower[item]], index
+            if side.min() == 0:  # every entry <= 0 is 0
+                result[item, 0] = 0
+                continue
+        else:
+            side, rank = row[~lower[item]], index - lower_count[item]
+        result[item, 0] = np.partition(side, rank)[rank]
+    return result
+
+
 def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
     """Zero, per image, the lowest ``int(N*N*discard_ratio)`` entries, sparing flat index 0. In place.
 
     As the original tool: the lowest ``count`` entries are chosen first, and the class token's
-    attention to itself is then left alone if it is among them. The cut is found with a
-    partition (the ``count``-th smallest value) and applied with a comparison, which is a few
+    attention to itself is then left alone if it is among them. The cut (the ``count``-th
+    smallest value, :func:`kth_smallest`) is applied with a comparison, which is a few
     times faster than gathering and scattering ``count`` indices; rows where several entries tie
     at the cut fall back to ``argpartition``, which then picks among the tied ones.
     """
@@ -91,7 +119,7 @@ def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
     count = int(flat.shape[1] * discard_ratio)
     if count == 0:
         return fused
-    cut = np.partition(flat, count - 1, axis=1)[:, count - 1 : count]
+    cut = kth_smallest(flat, count - 1)
     keep = flat > cut
     # Rows where several entries tie at the cut. A cut of 0 (common after gradient rollout's
     # clamp) needs no tie-break: the maps are non-negative, so "> 0" keeps exactly what zeroing
@@ -143,6 +171,18 @@ def _check_gradients(attentions: np.ndarray, gradients: np.ndarray | None) -> No
         raise ValueError(f"gradients {gradients.shape} do not match attentions {attentions.shape}")
 
 
+def _layer_range(layers: int, start_layer: int) -> range:
+    """Layers in the order the class row meets them: the last first, down to ``start_layer``."""
+    return range(layers - 1, check_start_layer(start_layer, layers) - 1, -1)
+
+
+def _rollout_step(row: np.ndarray, fused: np.ndarray) -> np.ndarray:
+    """``row @ a`` for ``a = D^-1 (F + I)``, D the row sums of ``F + I`` (the 1/2 of ``(F + I) / 2``
+    cancels), as ``(row / d) @ F + row / d``: the identity and the division never touch N x N values."""
+    scaled = row / (fused.sum(axis=-1) + 1.0)[:, None, :]
+    return scaled @ fused + scaled
+
+
 def rollout_rows(
     attentions: np.ndarray,
     gradients: np.ndarray | None,
@@ -158,18 +198,33 @@ def rollout_rows(
     """
     _check_gradients(attentions, gradients)
     layers, batch, _, tokens, _ = attentions.shape
-    start_layer = check_start_layer(start_layer, layers)
     row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token)
-    for layer in range(layers - 1, start_layer - 1, -1):
+    for layer in _layer_range(layers, start_layer):
         if gradients is None:
             fused = _fused_discarded(attentions[layer], head_fusion, discard_ratio)
         else:
             weighted = np.multiply(attentions[layer], gradients[layer], dtype=np.float64)
             fused = discard_lowest(np.maximum(fuse_heads(weighted, head_fusion), 0.0), discard_ratio)
-        # a = D^-1 (F + I) with D the row sums of F + I (the 1/2 of (F + I) / 2 cancels), so
-        # row @ a = (row / d) @ F + row / d: the identity and the division never touch N x N values.
-        scaled = row / (fused.sum(axis=-1) + 1.0)[:, None, :]
-        row = scaled @ fused + scaled
+        row = _rollout_step(row, fused)
+    return row[:, 0, num_prefix_tokens:]
+
+
+def rollout_rows_from_fused(
+    fused_maps: np.ndarray,
+    discard_ratio: float,
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+    start_layer: int = 0,
+) -> np.ndarray:
+    """:func:`rollout_rows` from maps already fused by the graph (:mod:`.graph_variants`):
+    ``[L, B, N, N]``, the heads fused (and for gradient rollout weighted and clamped). Float32
+    maps (max/min fusion) are discarded in float32, as :func:`rollout_rows` does; the input is
+    not modified."""
+    layers, batch, tokens, _ = fused_maps.shape
+    row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token)
+    for layer in _layer_range(layers, start_layer):
+        fused = discard_lowest(fused_maps[layer].copy(), discard_ratio).astype(np.float64, copy=False)
+        row = _rollout_step(row, fused)
     return row[:, 0, num_prefix_tokens:]
 
 
@@ -189,14 +244,24 @@ def gae_rows(
         raise ValueError("gae needs the attention gradients")
     _check_gradients(attentions, gradients)
     layers, batch, _, tokens, _ = attentions.shape
-    start_layer = check_start_layer(start_layer, layers)
     row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token)
     # Forward recurrence R_l = R_{l-1} + Abar_l R_{l-1} = (I + Abar_l) R_{l-1}, so the first
     # factor applied to the row vector is the last layer's.
-    for layer in range(layers - 1, start_layer - 1, -1):
+    for layer in _layer_range(layers, start_layer):
         weighted = attentions[layer].astype(np.float64) * gradients[layer]
         fused = np.maximum(weighted, 0.0).mean(axis=1)
         row = row + row @ fused
+    return row[:, 0, num_prefix_tokens:]
+
+
+def gae_rows_from_fused(
+    fused_maps: np.ndarray, num_prefix_tokens: int, has_class_token: bool = True, start_layer: int = 0
+) -> np.ndarray:
+    """:func:`gae_rows` from ``Abar_l`` already computed by the graph: ``[L, B, N, N]`` float64."""
+    layers, batch, tokens, _ = fused_maps.shape
+    row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token)
+    for layer in _layer_range(layers, start_layer):
+        row = row + row @ fused_maps[layer]
     return row[:, 0, num_prefix_tokens:]
 
 

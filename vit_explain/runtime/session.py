@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import DeviceError, ModelFileError, first_line
+from .graph_variants import FUSED_OUTPUT, forward_only, fused_maps
 from ..metadata import (
     INPUT_CLASS_WEIGHTS,
     INPUT_COMPUTE_GRADIENTS,
@@ -52,34 +53,6 @@ def resolve_providers(device: str) -> list[str]:
     raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
 
 
-def forward_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph without its backward branch: pixels in, logits and attentions out.
-
-    The export put every gradient-only node under one ``If``; dropping that node, the gradient
-    output, the two inputs only it reads, and the initializers only it used leaves the plain
-    forward graph, with the same weights as the file.
-    """
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
-    graph = pruned.graph
-    kept_nodes = [node for node in graph.node if OUTPUT_GRADIENTS not in node.output]
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-    used = {name for node in kept_nodes for name in node.input}
-    if INPUT_CLASS_WEIGHTS in used:
-        raise ModelFileError("the model's forward graph reads the class weights: re-export it with this vit-explain")
-    kept_outputs = [o for o in graph.output if o.name != OUTPUT_GRADIENTS]
-    del graph.output[:]
-    graph.output.extend(kept_outputs)
-    kept_inputs = [i for i in graph.input if i.name in used or i.name == INPUT_PIXELS]
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
-    kept_initializers = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_initializers)
-    return pruned
-
-
 @dataclass(frozen=True)
 class GraphOutputs:
     logits: np.ndarray  # [B, C]
@@ -90,11 +63,13 @@ class GraphOutputs:
 class ModelSession:
     """A vit-explain model loaded for inference.
 
-    Two onnxruntime sessions are made from the one file, each on first use: the full graph
-    (forward + the optional backward) for the class-specific methods, and a forward-only graph
-    pruned from it for rollout. The pruned graph matters for memory, not only speed: in the full
-    graph the forward values the backward branch reads stay alive until the ``If`` node runs,
-    even when it takes the empty branch (about 3x the working memory at batch 32).
+    onnxruntime sessions are made from the one file, each on first use: the full graph
+    (forward + the optional backward) for the class-specific methods, a forward-only graph
+    pruned from it for rollout, and, for :meth:`run_fused`, one graph per (method, head fusion)
+    that returns head-fused maps instead of raw per-head tensors (:mod:`.graph_variants`). The
+    pruned graph matters for memory, not only speed: in the full graph the forward values the
+    backward branch reads stay alive until the ``If`` node runs, even when it takes the empty
+    branch (about 3x the working memory at batch 32).
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
@@ -114,7 +89,7 @@ class ModelSession:
         self._check_interface(model)
         self._forward_bytes: bytes | None = forward_only(model).SerializeToString()
         del model
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._sessions: dict[str | tuple[str, str, str | None], ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
     def _load_proto(self) -> onnx.ModelProto:
@@ -143,19 +118,24 @@ class ModelSession:
         if not expected_in <= inputs or not expected_out <= outputs:
             raise ModelFileError(f"{self.path}: graph inputs/outputs do not match vit-explain's interface")
 
-    def _session(self, kind: str) -> ort.InferenceSession:
+    def _session(self, kind: str | tuple[str, str, str | None]) -> ort.InferenceSession:
+        """The session for ``kind``: ``"full"`` (the file), ``"forward"`` or ``("fused", method, fusion)``."""
         session = self._sessions.get(kind)
         if session is not None:
             return session
         with self._lock:  # one creation per kind, even when first calls race
             if kind not in self._sessions:
-                source = self._forward_bytes if kind == "forward" else str(self.path)
+                if kind == "full":
+                    source: str | bytes = str(self.path)
+                elif kind == "forward":
+                    source = self._forward_bytes or forward_only(self._load_proto()).SerializeToString()
+                    self._forward_bytes = None
+                else:
+                    source = fused_maps(self._load_proto(), kind[1], kind[2]).SerializeToString()
                 try:
                     self._sessions[kind] = ort.InferenceSession(source, self._options, providers=self.providers)
                 except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types here
                     raise ModelFileError(f"{self.path} cannot be loaded by onnxruntime ({first_line(exc)})") from None
-                if kind == "forward":
-                    self._forward_bytes = None
             return self._sessions[kind]
 
     @property
@@ -187,6 +167,21 @@ class ModelSession:
             self.full_session, feeds, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
         )
         return GraphOutputs(logits, attentions, gradients)
+
+    def run_fused(
+        self, pixel_values: np.ndarray, method: str, head_fusion: str | None, class_weights: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the per-layer head-fused maps ``[L, B, N, N]`` that ``method`` reads
+        (:func:`.graph_variants.fused_maps`): ``heads`` times less data out of the graph than
+        :meth:`run`. ``class_weights`` for ``grad_rollout`` and ``gae``."""
+        session = self._session(("fused", method, None if method == "gae" else head_fusion))
+        feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
+        if method != "rollout":
+            if class_weights is None:
+                raise ValueError(f"{method} needs class weights")
+            feeds[INPUT_CLASS_WEIGHTS] = np.ascontiguousarray(class_weights, dtype=np.float32)
+        logits, fused = self._run(session, feeds, [OUTPUT_LOGITS, FUSED_OUTPUT])
+        return logits, fused
 
     def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         if self.uses_cuda:

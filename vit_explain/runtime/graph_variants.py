@@ -1,0 +1,178 @@
+"""Graphs derived from the one exported file, each computing only what one kind of call needs.
+
+The exported file holds the whole interface: logits, every layer's attention ``[L, B, heads,
+N, N]`` and, behind an ``If`` on ``compute_gradients``, every layer's attention gradient. A
+method rarely needs all of that. Rollout, gradient rollout and GAE only read one head-fused
+``[L, B, N, N]`` map per layer, so returning the raw per-head tensors and fusing them in numpy
+moves ``heads`` times more data out of the graph (and, on CUDA, over the bus) than the maths
+needs. The variants here are built from the file at load time, with plain ONNX operators, so
+any file of this format gets them and the file keeps its raw outputs for those who want them:
+
+- :func:`forward_only`: logits and raw attentions, no backward branch.
+- :func:`logits_only`: just the logits (finding the top-1 class to explain, scoring images).
+- :func:`gradients_inlined`: the ``If`` replaced by its ``then`` branch, so the gradient
+  session has no control flow for onnxruntime to optimise around.
+- :func:`fused_maps`: the per-layer head-fused map a method reads, as output ``fused_maps``
+  (see :data:`FUSED_OUTPUT`), and nothing raw.
+
+Fusion dtypes follow the numpy maths in :mod:`.rollout` exactly: max and min pick float32
+values, so they stay float32; a mean, and the attention x gradient product, are computed in
+float64 (the product of two float32 numbers is exact in float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS, OUTPUT_LOGITS
+
+__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "logits_only", "gradients_inlined", "fused_maps", "prune"]
+
+FUSED_OUTPUT = "fused_maps"
+#: Methods whose maths reads one head-fused map per layer (``attention`` reads the raw last layer).
+FUSED_METHODS = ("rollout", "grad_rollout", "gae")
+_REDUCERS = {"mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}
+_PREFIX = "vit_explain_fuse_"
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads, including those its subgraphs (``If`` branches) read from the outer scope."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+            for inner in graph.node:
+                local.update(inner.output)
+            for inner in graph.node:
+                names.update(name for name in _subgraph_inputs(inner) if name not in local)
+            names.update(o.name for o in graph.output if o.name not in local)
+    names.discard("")
+    return names
+
+
+def prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """Keep only the nodes, inputs and initializers that ``outputs`` depend on (in place)."""
+    graph = model.graph
+    known_outputs = {o.name: o for o in graph.output}
+    missing = [name for name in outputs if name not in known_outputs]
+    if missing:
+        raise ValueError(f"graph has no output(s) {missing}")
+    needed = set(outputs)
+    kept_nodes = []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept_nodes.append(node)
+            needed.update(_subgraph_inputs(node))
+    kept_nodes.reverse()
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    del graph.output[:]
+    graph.output.extend(known_outputs[name] for name in outputs)
+    kept_inputs = [i for i in graph.input if i.name in needed]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    kept_initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    return model
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
+def forward_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Pixels in, logits and raw attentions out: the backward branch and its inputs dropped.
+
+    Besides speed this matters for memory: in the full graph the forward values the backward
+    branch reads stay alive until the ``If`` runs, even when it takes the empty branch.
+    """
+    return prune(_copy(model), [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+
+
+def logits_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Pixels in, logits out: no attention tensors are stacked or returned."""
+    return prune(_copy(model), [OUTPUT_LOGITS])
+
+
+def gradients_inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The whole interface with the ``If`` on ``compute_gradients`` replaced by its ``then`` branch.
+
+    The branch's nodes read the outer graph's values by name, so they can sit in the outer graph
+    as they are; an ``Identity`` gives its result the ``If``'s output name. The
+    ``compute_gradients`` input is then unused and dropped: this graph always computes them.
+    """
+    inlined = _copy(model)
+    graph = inlined.graph
+    nodes = []
+    found = False
+    for node in graph.node:
+        if node.op_type == "If" and OUTPUT_GRADIENTS in node.output and list(node.input) == [INPUT_COMPUTE_GRADIENTS]:
+            branch = next(a.g for a in node.attribute if a.name == "then_branch")
+            nodes.extend(branch.node)
+            graph.initializer.extend(branch.initializer)
+            for branch_output, outer in zip(branch.output, node.output):
+                nodes.append(helper.make_node("Identity", [branch_output.name], [outer], name=f"{_PREFIX}{outer}"))
+            found = True
+        else:
+            nodes.append(node)
+    if not found:
+        raise ValueError("the graph has no gradient branch (If on compute_gradients) to inline")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return prune(inlined, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS])
+
+
+def fused_maps(model: onnx.ModelProto, method: str, head_fusion: str | None) -> onnx.ModelProto:
+    """Logits and ``fused_maps`` ``[L, B, N, N]``, the map per layer that ``method`` reads:
+
+    - ``rollout``: the attention, heads fused (float32 for max/min, float64 for the mean);
+    - ``grad_rollout``: ``max(fuse_heads(A * G), 0)`` in float64 (fused, then clamped);
+    - ``gae``: ``mean_heads(max(A * G, 0))`` in float64 (clamped per head, then averaged).
+    """
+    if method not in FUSED_METHODS:
+        raise ValueError(f"no fused graph for method {method!r}")
+    if method == "gae":
+        head_fusion = "mean"
+    if head_fusion not in _REDUCERS:
+        raise ValueError(f"head fusion must be one of {', '.join(_REDUCERS)}, not {head_fusion!r}")
+    source = forward_only(model) if method == "rollout" else gradients_inlined(model)
+    graph = source.graph
+    attention_output = next(o for o in graph.output if o.name == OUTPUT_ATTENTIONS)
+    heads_axis = numpy_helper.from_array(np.array([2], dtype=np.int64), f"{_PREFIX}heads_axis")
+    graph.initializer.append(heads_axis)
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], **attributes) -> str:
+        name = f"{_PREFIX}{len(nodes)}_{op.lower()}"
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attributes))
+        return name
+
+    def reduce_heads(value: str, fusion: str) -> str:
+        return add(_REDUCERS[fusion], [value, heads_axis.name], keepdims=0)
+
+    if method == "rollout":
+        value = OUTPUT_ATTENTIONS
+        if head_fusion == "mean":
+            value = add("Cast", [value], to=TensorProto.DOUBLE)
+        fused = reduce_heads(value, head_fusion)
+        dtype = TensorProto.DOUBLE if head_fusion == "mean" else TensorProto.FLOAT
+    else:
+        attention = add("Cast", [OUTPUT_ATTENTIONS], to=TensorProto.DOUBLE)
+        gradient = add("Cast", [OUTPUT_GRADIENTS], to=TensorProto.DOUBLE)
+        weighted = add("Mul", [attention, gradient])
+        if method == "grad_rollout":
+            fused = add("Relu", [reduce_heads(weighted, head_fusion)])
+        else:
+            fused = reduce_heads(add("Relu", [weighted]), "mean")
+        dtype = TensorProto.DOUBLE
+    nodes.append(helper.make_node("Identity", [fused], [FUSED_OUTPUT], name=f"{_PREFIX}output"))
+    graph.node.extend(nodes)
+    dims = [d for i, d in enumerate(attention_output.type.tensor_type.shape.dim) if i != 2]
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+    graph.output.append(helper.make_tensor_value_info(FUSED_OUTPUT, dtype, shape))
+    return prune(source, [OUTPUT_LOGITS, FUSED_OUTPUT])
