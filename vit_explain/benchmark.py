@@ -581,6 +581,7 @@ class _RuntimePipeline:
         import numpy as np
 
         from vit_explain.runtime import Explainer
+        from vit_explain.runtime.graph_variants import FUSED_METHODS
 
         self.explainer = Explainer(config["onnx_path"], device=config["device"], threads=config["threads"])
         meta = self.explainer.metadata
@@ -589,6 +590,7 @@ class _RuntimePipeline:
         self.paths = _batch_paths(config["images"], config["batch"])
         self.method = config["method"]
         self.graph_only = graph_only
+        self.fused = self.explainer.fuse_in_graph and self.method in FUSED_METHODS
         self.categories = categories_for(config["batch"], meta.num_outputs) if self.method == "grad_rollout" else None
         self.pixels = self.weights = None
         # The graph calls ``explain`` makes: one per chunk of ``graph_batch`` images where the
@@ -604,9 +606,14 @@ class _RuntimePipeline:
 
     def __call__(self):
         if self.graph_only:
+            session = self.explainer.session
             for start in range(0, len(self.paths), self.chunk):
                 part = slice(start, start + self.chunk)
-                self.explainer.session.run(self.pixels[part], None if self.weights is None else self.weights[part])
+                weights = None if self.weights is None else self.weights[part]
+                if self.fused:  # the graph the Explainer calls: heads fused inside it
+                    session.run_fused(self.pixels[part], self.method, HEAD_FUSION[self.method], weights)
+                else:
+                    session.run(self.pixels[part], weights)
             return None
         result = self.explainer.explain(
             self.paths, method=self.method, head_fusion=HEAD_FUSION[self.method],

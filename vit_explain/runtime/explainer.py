@@ -150,8 +150,8 @@ class Explainer:
         self.graph_batch = graph_batch
         self.fuse_in_graph = self.session.uses_cuda if fuse_in_graph is None else bool(fuse_in_graph)
         # Image decoding and the rollout maths run outside the graph call; a pool as wide as the
-        # graph's thread count (2 at most: more rarely pays) spreads them over the cores.
-        self.workers = max(1, min(2, threads or os.cpu_count() or 1))
+        # graph's thread count (8 at most) spreads them over the cores.
+        self.workers = max(1, min(8, threads or os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vit-explain") if self.workers > 1 else None
 
     # -- inputs -------------------------------------------------------------------------

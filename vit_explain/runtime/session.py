@@ -133,9 +133,17 @@ class ModelSession:
                 else:
                     source = fused_maps(self._load_proto(), kind[1], kind[2]).SerializeToString()
                 try:
-                    self._sessions[kind] = ort.InferenceSession(source, self._options, providers=self.providers)
+                    session = ort.InferenceSession(source, self._options, providers=self.providers)
                 except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types here
                     raise ModelFileError(f"{self.path} cannot be loaded by onnxruntime ({first_line(exc)})") from None
+                if self.uses_cuda and _CUDA not in session.get_providers():
+                    # onnxruntime falls back to the CPU, with only a log line, when the CUDA
+                    # provider cannot start (missing cuDNN/cuBLAS, driver mismatch).
+                    raise DeviceError(
+                        "onnxruntime's CUDA provider is installed but could not start (check the CUDA and "
+                        "cuDNN libraries onnxruntime-gpu needs); use device 'cpu' to run on the CPU"
+                    )
+                self._sessions[kind] = session
             return self._sessions[kind]
 
     @property
