@@ -546,6 +546,9 @@ class _ReferencePipeline:
         self.torch, self.Image = torch, Image
         torch.set_num_threads(config["threads"])
         self.device = torch.device(config["device"])
+        # Full float32 like the runtime: PyTorch runs cuDNN convolutions in TF32 by default.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         torch.manual_seed(config["seed"])
         model = timm.create_model(config["model_name"], pretrained=False, **config["model_kwargs"]).eval()
         for parameter in model.parameters():
@@ -591,6 +594,9 @@ class _RuntimePipeline:
         self.method = config["method"]
         self.graph_only = graph_only
         self.fused = self.explainer.fuse_in_graph and self.method in FUSED_METHODS
+        # Session creation is model loading (as the reference's model is built before "loaded"):
+        # make it now, not inside the first timed or memory-measured call.
+        self.explainer.session.prepare(self.method, HEAD_FUSION[self.method], fused=self.fused)
         self.categories = categories_for(config["batch"], meta.num_outputs) if self.method == "grad_rollout" else None
         self.pixels = self.weights = None
         # The graph calls ``explain`` makes: one per chunk of ``graph_batch`` images where the
