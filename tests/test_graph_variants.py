@@ -1,0 +1,176 @@
+"""The graphs derived from an exported file (``runtime/graph_variants.py``) and the selection in the discard.
+
+- ``fused_maps``: the head-fused maps the graph returns equal the numpy fusion of its raw
+  outputs, for every family, method and head fusion (max/min exactly, float64 products and means
+  to summation order), and ``Explainer(fuse_in_graph=True)`` gives the masks of the raw path;
+- ``gradients_inlined`` (the ``If`` replaced by its branch) computes exactly what the file does;
+- ``forward_only`` / ``logits_only`` keep only what their outputs need;
+- ``kth_smallest`` equals ``np.partition`` on ties, zeros, negatives, NaN and both float widths;
+- a CUDA session that silently fell back to the CPU is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from vit_explain.errors import DeviceError
+from vit_explain.metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, INPUT_PIXELS, OUTPUT_LOGITS
+from vit_explain.runtime import Explainer
+from vit_explain.runtime import graph_variants, session as session_module
+from vit_explain.runtime.graph_variants import FUSED_OUTPUT, forward_only, fused_maps, gradients_inlined, logits_only
+from vit_explain.runtime.rollout import fuse_heads, kth_smallest
+from vit_explain.runtime.session import ModelSession
+
+HEAD_FUSIONS = ["mean", "max", "min"]
+#: Logits of two different graphs over the same weights: onnxruntime optimises each graph on its
+#: own (BEiT's head, for one, is fused differently), so they agree to float32 noise, not bitwise.
+LOGITS_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def _inputs(meta, batch: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((batch, *meta.preprocess.input_size)).astype(np.float32)
+    weights = np.zeros((batch, meta.num_outputs), dtype=np.float32)
+    weights[np.arange(batch), rng.choice(meta.num_outputs, size=batch, replace=False)] = 1.0
+    return pixels, weights
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def deit(export_family):
+    return export_family("deit")
+
+
+def test_fused_maps_equal_numpy_fusion_of_the_raw_outputs(export_family, family_key):
+    exported = export_family(family_key)
+    model = onnx.load(str(exported.path))
+    session = ModelSession(exported.path, device="cpu")
+    pixels, weights = _inputs(session.metadata)
+    raw = session.run(pixels, weights)
+    product = np.multiply(raw.attentions, raw.gradients, dtype=np.float64)
+    for fusion in HEAD_FUSIONS:
+        logits, fused = _session(fused_maps(model, "rollout", fusion)).run(None, {INPUT_PIXELS: pixels})
+        expected = np.stack([fuse_heads(layer.astype(np.float64) if fusion == "mean" else layer, fusion)
+                             for layer in raw.attentions])
+        assert fused.dtype == (np.float64 if fusion == "mean" else np.float32)
+        np.testing.assert_allclose(fused, expected, rtol=1e-14, atol=0)
+        np.testing.assert_allclose(logits, raw.logits, **LOGITS_TOLERANCE)
+
+        logits, fused = _session(fused_maps(model, "grad_rollout", fusion)).run(
+            None, {INPUT_PIXELS: pixels, INPUT_CLASS_WEIGHTS: weights}
+        )
+        expected = np.maximum(np.stack([fuse_heads(layer, fusion) for layer in product]), 0.0)
+        assert fused.dtype == np.float64 and fused.min() >= 0
+        np.testing.assert_allclose(fused, expected, rtol=1e-14, atol=1e-300)
+        np.testing.assert_allclose(logits, raw.logits, **LOGITS_TOLERANCE)
+
+    _, fused = _session(fused_maps(model, "gae", None)).run(None, {INPUT_PIXELS: pixels, INPUT_CLASS_WEIGHTS: weights})
+    np.testing.assert_allclose(fused, np.maximum(product, 0.0).mean(axis=2), rtol=1e-14, atol=1e-300)
+
+
+@pytest.mark.parametrize("start_layer", [0, 1])
+def test_explainer_masks_are_the_same_with_heads_fused_in_the_graph(deit, start_layer):
+    raw_path = Explainer(deit.path, device="cpu", fuse_in_graph=False, graph_batch=2)
+    fused_path = Explainer(deit.path, device="cpu", fuse_in_graph=True, graph_batch=2)
+    pixels, _ = _inputs(raw_path.metadata, batch=5, seed=1)  # 5 images: chunks of 2, 2 and 1
+    categories = [3, 1, 4, 1, 5]
+    cases = [("rollout", f, None) for f in HEAD_FUSIONS] + [("grad_rollout", f, categories) for f in HEAD_FUSIONS]
+    cases += [("gae", None, categories), ("grad_rollout", "mean", None)]  # None: each image's top-1
+    for method, fusion, category in cases:
+        for discard in (0.0, 0.9):
+            a = raw_path.explain(pixels, method=method, head_fusion=fusion, discard_ratio=discard,
+                                 category_index=category, start_layer=start_layer)
+            b = fused_path.explain(pixels, method=method, head_fusion=fusion, discard_ratio=discard,
+                                   category_index=category, start_layer=start_layer)
+            np.testing.assert_allclose(b.masks, a.masks, rtol=0, atol=1e-6, err_msg=f"{method} {fusion} {discard}")
+            np.testing.assert_allclose(b.logits, a.logits, **LOGITS_TOLERANCE)
+            assert b.category_index == a.category_index
+            assert a.masks.max() > 0
+
+
+def test_inlined_gradient_graph_computes_what_the_file_computes(deit):
+    model = onnx.load(str(deit.path))
+    pixels, weights = _inputs(deit.metadata)
+    inlined = gradients_inlined(model)
+    assert not any(node.op_type == "If" for node in inlined.graph.node)
+    assert INPUT_COMPUTE_GRADIENTS not in {i.name for i in inlined.graph.input}
+    expected = _session(model).run(
+        None, {INPUT_PIXELS: pixels, INPUT_CLASS_WEIGHTS: weights, INPUT_COMPUTE_GRADIENTS: np.array(True)}
+    )
+    got = _session(inlined).run(None, {INPUT_PIXELS: pixels, INPUT_CLASS_WEIGHTS: weights})
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pruned_graphs_keep_only_what_their_outputs_need(deit):
+    model = onnx.load(str(deit.path))
+    forward = forward_only(model)
+    assert {i.name for i in forward.graph.input} == {INPUT_PIXELS}
+    assert not any(node.op_type == "If" for node in forward.graph.node)
+    logits = logits_only(model)
+    assert [o.name for o in logits.graph.output] == [OUTPUT_LOGITS]
+    assert len(logits.graph.node) < len(forward.graph.node)
+    pixels, _ = _inputs(deit.metadata)
+    (only,) = _session(logits).run(None, {INPUT_PIXELS: pixels})
+    np.testing.assert_array_equal(only, _session(forward).run([OUTPUT_LOGITS], {INPUT_PIXELS: pixels})[0])
+    with pytest.raises(ValueError, match="no fused graph"):
+        fused_maps(model, "attention", "mean")
+    with pytest.raises(ValueError, match="head fusion"):
+        fused_maps(model, "rollout", "median")
+    with pytest.raises(ValueError, match="no gradient branch"):
+        gradients_inlined(forward)
+    assert FUSED_OUTPUT in {o.name for o in fused_maps(model, "rollout", "max").graph.output}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["normal", "relu", "mostly_zero", "all_zero", "ties", "negative_ties", "nan"])
+def test_kth_smallest_equals_a_full_partition(kind, dtype):
+    rng = np.random.default_rng(7)
+    values = rng.standard_normal((4, 5000))
+    if kind == "relu":
+        values = np.maximum(values, 0)
+    elif kind == "mostly_zero":
+        values = np.maximum(values - 2.5, 0)
+    elif kind == "all_zero":
+        values[:] = 0
+    elif kind == "ties":
+        values = np.maximum(np.round(values, 1), 0)
+    elif kind == "negative_ties":
+        values = np.round(values, 1)
+    elif kind == "nan":
+        values[:, ::97] = np.nan
+    values = values.astype(dtype)
+    for index in (0, 1, 2499, 4500, 4999):
+        expected = np.partition(values, index, axis=1)[:, index : index + 1]
+        got = kth_smallest(values, index)
+        assert got.dtype == values.dtype and got.shape == (4, 1)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused(deit, monkeypatch):
+    class FallenBack(ort.InferenceSession):
+        def __init__(self, source, options, providers):
+            super().__init__(source, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(session_module, "resolve_providers", lambda device: [("CUDAExecutionProvider", {}), "CPUExecutionProvider"])
+    monkeypatch.setattr(session_module.ort, "InferenceSession", FallenBack)
+    session = ModelSession(deit.path, device="cuda")
+    assert session.uses_cuda
+    with pytest.raises(DeviceError, match="could not start"):
+        session.run(_inputs(deit.metadata)[0])
+
+
+def test_cuda_providers_ask_for_full_float32(monkeypatch):
+    monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    for device in ("cuda", "auto"):
+        providers = session_module.resolve_providers(device)
+        assert providers[0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
+        assert providers[1] == "CPUExecutionProvider"
+    assert session_module.resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert graph_variants.FUSED_METHODS == ("rollout", "grad_rollout", "gae")
