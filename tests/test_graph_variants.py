@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from vit_explain.errors import DeviceError
+from vit_explain.errors import DeviceError, ModelFileError
 from vit_explain.metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, INPUT_PIXELS, OUTPUT_LOGITS
 from vit_explain.runtime import Explainer
 from vit_explain.runtime import graph_variants, session as session_module
@@ -126,6 +126,26 @@ def test_pruned_graphs_keep_only_what_their_outputs_need(deit):
     with pytest.raises(ValueError, match="no gradient branch"):
         gradients_inlined(forward)
     assert FUSED_OUTPUT in {o.name for o in fused_maps(model, "rollout", "max").graph.output}
+
+
+def test_a_forward_graph_that_reads_the_class_weights_is_refused():
+    """An interface-conforming file whose logits depend on the class weights: no forward-only graph."""
+    from onnx import TensorProto, helper
+
+    tensor = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])  # noqa: E731
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", [INPUT_PIXELS, INPUT_CLASS_WEIGHTS], [OUTPUT_LOGITS]),
+            helper.make_node("Identity", [INPUT_PIXELS], ["attentions"]),
+            helper.make_node("Identity", [INPUT_CLASS_WEIGHTS], ["attention_gradients"]),
+        ],
+        "bad",
+        [tensor(INPUT_PIXELS), tensor(INPUT_CLASS_WEIGHTS),
+         helper.make_tensor_value_info(INPUT_COMPUTE_GRADIENTS, TensorProto.BOOL, [])],
+        [tensor(OUTPUT_LOGITS), tensor("attentions"), tensor("attention_gradients")],
+    )
+    with pytest.raises(ModelFileError, match="reads the class weights"):
+        forward_only(helper.make_model(graph))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import ModelFileError
 from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS, OUTPUT_LOGITS
 
 __all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "logits_only", "gradients_inlined", "fused_maps", "prune"]
@@ -91,7 +92,10 @@ def forward_only(model: onnx.ModelProto) -> onnx.ModelProto:
     Besides speed this matters for memory: in the full graph the forward values the backward
     branch reads stay alive until the ``If`` runs, even when it takes the empty branch.
     """
-    return prune(_copy(model), [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+    pruned = prune(_copy(model), [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+    if any(i.name == INPUT_CLASS_WEIGHTS for i in pruned.graph.input):
+        raise ModelFileError("the model's forward graph reads the class weights: re-export it with this vit-explain")
+    return pruned
 
 
 def logits_only(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -16,7 +16,6 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import DeviceError, ModelFileError, first_line
-from .graph_variants import FUSED_OUTPUT, forward_only, fused_maps
 from ..metadata import (
     INPUT_CLASS_WEIGHTS,
     INPUT_COMPUTE_GRADIENTS,
@@ -28,6 +27,7 @@ from ..metadata import (
     MetadataError,
     ModelMetadata,
 )
+from .graph_variants import FUSED_OUTPUT, forward_only, fused_maps
 
 __all__ = ["DEVICES", "GraphOutputs", "ModelSession", "forward_only", "resolve_providers"]
 
