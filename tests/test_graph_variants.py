@@ -4,7 +4,7 @@
   outputs, for every family, method and head fusion (max/min exactly, float64 products and means
   to summation order), and ``Explainer(fuse_in_graph=True)`` gives the masks of the raw path;
 - ``gradients_inlined`` (the ``If`` replaced by its branch) computes exactly what the file does;
-- ``forward_only`` / ``logits_only`` keep only what their outputs need;
+- ``forward_only`` keeps only what its outputs need;
 - ``kth_smallest`` equals ``np.partition`` on ties, zeros, negatives, NaN and both float widths;
 - a CUDA session that silently fell back to the CPU is refused.
 """
@@ -20,7 +20,7 @@ from vit_explain.errors import DeviceError, ModelFileError
 from vit_explain.metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, INPUT_PIXELS, OUTPUT_LOGITS
 from vit_explain.runtime import Explainer
 from vit_explain.runtime import graph_variants, session as session_module
-from vit_explain.runtime.graph_variants import FUSED_OUTPUT, forward_only, fused_maps, gradients_inlined, logits_only
+from vit_explain.runtime.graph_variants import FUSED_OUTPUT, forward_only, fused_maps, gradients_inlined
 from vit_explain.runtime.rollout import fuse_heads, kth_smallest
 from vit_explain.runtime.session import ModelSession
 
@@ -113,12 +113,7 @@ def test_pruned_graphs_keep_only_what_their_outputs_need(deit):
     forward = forward_only(model)
     assert {i.name for i in forward.graph.input} == {INPUT_PIXELS}
     assert not any(node.op_type == "If" for node in forward.graph.node)
-    logits = logits_only(model)
-    assert [o.name for o in logits.graph.output] == [OUTPUT_LOGITS]
-    assert len(logits.graph.node) < len(forward.graph.node)
-    pixels, _ = _inputs(deit.metadata)
-    (only,) = _session(logits).run(None, {INPUT_PIXELS: pixels})
-    np.testing.assert_array_equal(only, _session(forward).run([OUTPUT_LOGITS], {INPUT_PIXELS: pixels})[0])
+    assert len(forward.graph.node) < len(model.graph.node)
     with pytest.raises(ValueError, match="no fused graph"):
         fused_maps(model, "attention", "mean")
     with pytest.raises(ValueError, match="head fusion"):
@@ -194,3 +189,9 @@ def test_cuda_providers_ask_for_full_float32(monkeypatch):
         assert providers[1] == "CPUExecutionProvider"
     assert session_module.resolve_providers("cpu") == ["CPUExecutionProvider"]
     assert graph_variants.FUSED_METHODS == ("rollout", "grad_rollout", "gae")
+
+
+def test_graph_batch_defaults_by_device_and_refuses_zero(deit):
+    assert Explainer(deit.path, device="cpu").graph_batch == 8
+    with pytest.raises(ValueError, match="graph_batch must be at least 1"):
+        Explainer(deit.path, device="cpu", graph_batch=0)

@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image
 
 from ..metadata import ModelMetadata
+from .graph_variants import FUSED_METHODS
 from .images import load_image
 from .preprocess import preprocess_batch, preprocess_image
-from .graph_variants import FUSED_METHODS
 from .rollout import (
     CLASS_SPECIFIC_METHODS,
     HEAD_FUSIONS,
@@ -144,7 +144,8 @@ class Explainer:
         Both give the same masks."""
         self.session = ModelSession(path, device=device, threads=threads)
         self.metadata: ModelMetadata = self.session.metadata
-        graph_batch = graph_batch or (64 if self.session.uses_cuda else 8)
+        if graph_batch is None:
+            graph_batch = 64 if self.session.uses_cuda else 8
         if graph_batch < 1:
             raise ValueError(f"graph_batch must be at least 1, not {graph_batch}")
         self.graph_batch = graph_batch

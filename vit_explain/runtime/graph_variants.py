@@ -9,7 +9,6 @@ needs. The variants here are built from the file at load time, with plain ONNX o
 any file of this format gets them and the file keeps its raw outputs for those who want them:
 
 - :func:`forward_only`: logits and raw attentions, no backward branch.
-- :func:`logits_only`: just the logits (finding the top-1 class to explain, scoring images).
 - :func:`gradients_inlined`: the ``If`` replaced by its ``then`` branch, so the gradient
   session has no control flow for onnxruntime to optimise around.
 - :func:`fused_maps`: the per-layer head-fused map a method reads, as output ``fused_maps``
@@ -29,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import ModelFileError
 from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS, OUTPUT_LOGITS
 
-__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "logits_only", "gradients_inlined", "fused_maps", "prune"]
+__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "gradients_inlined", "fused_maps", "prune"]
 
 FUSED_OUTPUT = "fused_maps"
 #: Methods whose maths reads one head-fused map per layer (``attention`` reads the raw last layer).
@@ -96,11 +95,6 @@ def forward_only(model: onnx.ModelProto) -> onnx.ModelProto:
     if any(i.name == INPUT_CLASS_WEIGHTS for i in pruned.graph.input):
         raise ModelFileError("the model's forward graph reads the class weights: re-export it with this vit-explain")
     return pruned
-
-
-def logits_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Pixels in, logits out: no attention tensors are stacked or returned."""
-    return prune(_copy(model), [OUTPUT_LOGITS])
 
 
 def gradients_inlined(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -60,6 +60,11 @@ def resolve_providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
 
 
+def _fused_kind(method: str, head_fusion: str | None) -> tuple[str, str, str | None]:
+    """The session key of a fused graph; GAE has no head-fusion choice, so one graph serves any."""
+    return ("fused", method, None if method == "gae" else head_fusion)
+
+
 @dataclass(frozen=True)
 class GraphOutputs:
     logits: np.ndarray  # [B, C]
@@ -172,7 +177,7 @@ class ModelSession:
         ``method=None`` the forward-only one, ``rollout``/``attention`` without ``fused`` too,
         ``grad_rollout``/``gae`` without ``fused`` the full one, with ``fused`` that method's."""
         if fused:
-            self._session(("fused", method, None if method == "gae" else head_fusion))
+            self._session(_fused_kind(method, head_fusion))
         elif method in ("grad_rollout", "gae"):
             self._session("full")
         else:
@@ -200,7 +205,7 @@ class ModelSession:
         """Logits and the per-layer head-fused maps ``[L, B, N, N]`` that ``method`` reads
         (:func:`.graph_variants.fused_maps`): ``heads`` times less data out of the graph than
         :meth:`run`. ``class_weights`` for ``grad_rollout`` and ``gae``."""
-        session = self._session(("fused", method, None if method == "gae" else head_fusion))
+        session = self._session(_fused_kind(method, head_fusion))
         feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
         if method != "rollout":
             if class_weights is None:
