@@ -21,7 +21,7 @@ from vit_explain.metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, I
 from vit_explain.runtime import Explainer
 from vit_explain.runtime import graph_variants, session as session_module
 from vit_explain.runtime.graph_variants import FUSED_OUTPUT, forward_only, fused_maps, gradients_inlined
-from vit_explain.runtime.rollout import fuse_heads, kth_smallest
+from vit_explain.runtime.rollout import _weighted_head_mean, fuse_heads, kth_smallest
 from vit_explain.runtime.session import ModelSession
 
 HEAD_FUSIONS = ["mean", "max", "min"]
@@ -166,6 +166,36 @@ def test_kth_smallest_equals_a_full_partition(kind, dtype):
         got = kth_smallest(values, index)
         assert got.dtype == values.dtype and got.shape == (4, 1)
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["attention_like", "relu_products", "unlucky_sample", "sample_all_low"])
+def test_kth_smallest_on_map_sized_rows(kind):
+    """Rows as long as a DeiT map (197 x 197), where the sampled bracket is used, including rows
+    built so that the strided sample misses the wanted rank (the exact fallback must answer)."""
+    rng = np.random.default_rng(3)
+    n = 197 * 197
+    values = rng.dirichlet(np.full(197, 0.3), size=(3, 197)).reshape(3, n).astype(np.float32)
+    if kind == "relu_products":
+        values = np.maximum(values.astype(np.float64) * rng.standard_normal((3, n)), 0)
+    step = n // 1024
+    if kind == "unlucky_sample":
+        values[:, ::step] = 10.0  # the sample sees only the largest values
+    elif kind == "sample_all_low":
+        values[:, ::step] = -1.0  # ... or only the smallest
+    for index in (0, 7, n // 2, int(n * 0.9) - 1, n - 3, n - 1):
+        expected = np.partition(values, index, axis=1)[:, index : index + 1]
+        np.testing.assert_array_equal(kth_smallest(values, index), expected)
+
+
+def test_weighted_head_mean_equals_numpy_mean_of_the_products():
+    rng = np.random.default_rng(5)
+    attention = rng.random((2, 4, 9, 9)).astype(np.float32)
+    gradient = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
+    product = np.multiply(attention, gradient, dtype=np.float64)
+    np.testing.assert_array_equal(_weighted_head_mean(attention, gradient, clamp_heads=False), product.mean(axis=1))
+    np.testing.assert_array_equal(
+        _weighted_head_mean(attention, gradient, clamp_heads=True), np.maximum(product, 0).mean(axis=1)
+    )
 
 
 def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused(deit, monkeypatch):
