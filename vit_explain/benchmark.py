@@ -9,8 +9,10 @@ Three pipelines, timed end to end on the same image files, batch sizes and threa
 ``runtime``
     ``Explainer(onnx_path, threads=threads).explain(paths, method=..., category_index=...)``;
 ``graph``
-    ``explainer.session.run(pixels, weights_or_None)`` alone, on pixels preprocessed beforehand,
-    so ``1 - graph / runtime`` is the share of the runtime's latency spent outside onnxruntime.
+    ``explainer.graph_calls(pixels, ...)``: the very onnxruntime calls ``explain`` makes (same
+    parts of the batch, threads and sessions) and nothing else, on pixels preprocessed
+    beforehand, so ``1 - graph / runtime`` is the share of the runtime's latency spent outside
+    onnxruntime.
 
 Fairness
     Every (pipeline, method, batch size) runs in its own fresh Python subprocess
@@ -584,7 +586,6 @@ class _RuntimePipeline:
         import numpy as np
 
         from vit_explain.runtime import Explainer
-        from vit_explain.runtime.graph_variants import FUSED_METHODS
 
         self.explainer = Explainer(config["onnx_path"], device=config["device"], threads=config["threads"])
         meta = self.explainer.metadata
@@ -593,17 +594,12 @@ class _RuntimePipeline:
         self.paths = _batch_paths(config["images"], config["batch"])
         self.method = config["method"]
         self.graph_only = graph_only
-        self.fused = self.explainer.fuse_in_graph and self.method in FUSED_METHODS
         # Session creation is model loading (as the reference's model is built before "loaded"):
-        # make it now, not inside the first timed or memory-measured call.
-        self.explainer.session.prepare(self.method, HEAD_FUSION[self.method], fused=self.fused)
+        # make the sessions this batch will use now, not inside the first timed or measured call.
+        self.explainer.prepare(self.method, HEAD_FUSION[self.method], len(self.paths))
+        self.notes.append(f"batch {len(self.paths)}: {self.explainer.describe_calls(len(self.paths))}")
         self.categories = categories_for(config["batch"], meta.num_outputs) if self.method == "grad_rollout" else None
         self.pixels = self.weights = None
-        # The graph calls ``explain`` makes: one per chunk of ``graph_batch`` images where the
-        # Explainer has that setting, so "outside the graph" compares like with like.
-        self.chunk = int(getattr(self.explainer, "graph_batch", 0) or len(self.paths))
-        if graph_only and self.chunk < len(self.paths):
-            self.notes.append(f"the Explainer runs the graph on chunks of {self.chunk} images; the graph pipeline does the same")
         if graph_only:
             self.pixels = self.explainer.preprocess(self.paths)
             if self.categories is not None:
@@ -611,15 +607,8 @@ class _RuntimePipeline:
                 self.weights[np.arange(len(self.paths)), self.categories] = 1.0
 
     def __call__(self):
-        if self.graph_only:
-            session = self.explainer.session
-            for start in range(0, len(self.paths), self.chunk):
-                part = slice(start, start + self.chunk)
-                weights = None if self.weights is None else self.weights[part]
-                if self.fused:  # the graph the Explainer calls: heads fused inside it
-                    session.run_fused(self.pixels[part], self.method, HEAD_FUSION[self.method], weights)
-                else:
-                    session.run(self.pixels[part], weights)
+        if self.graph_only:  # the very graph calls ``explain`` makes (same parts, threads, sessions)
+            self.explainer.graph_calls(self.pixels, self.method, HEAD_FUSION[self.method], self.weights)
             return None
         result = self.explainer.explain(
             self.paths, method=self.method, head_fusion=HEAD_FUSION[self.method],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
@@ -112,6 +113,14 @@ def expand_category_index(category_index, batch: int, num_outputs: int, kind: st
     return tuple(int(i) for i in indices)
 
 
+def _chunks(total: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _slice(categories: tuple[int, ...] | None, part: slice) -> tuple[int, ...] | None:
+    return None if categories is None else categories[part]
+
+
 class Explainer:
     """Explain images with an exported vit-explain model.
 
@@ -137,6 +146,15 @@ class Explainer:
         11 MB per image for DeiT-tiny, twice that with gradients) while CPU throughput stops
         growing near 8, so chunks bound the peak memory at no cost in speed.
 
+        On a CPU, a batch of two or more images is split into parts explained side by side, one
+        per thread of the pool (as many as ``threads``), each part on one core from image file
+        to mask: decoding, a single-threaded graph call and the maths. One graph call that
+        splits each operator over the cores leaves them idle at every operator's end (the
+        small element-wise operators of the backward pass hardly split at all); whole images
+        per core do not, and the decoding and maths of one part overlap the graph call of the
+        other. Parts hold at most ``graph_batch / threads`` images, so no more than
+        ``graph_batch`` are in flight at once. A single image uses every thread in one call.
+
         ``fuse_in_graph`` (default: on CUDA only): fuse the heads inside the graph
         (:meth:`ModelSession.run_fused`), so ``heads`` times less data leaves the GPU and the
         numpy maths reads one map per layer. On a CPU it is no faster than fusing in numpy (the
@@ -156,17 +174,18 @@ class Explainer:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vit-explain") if self.workers > 1 else None
 
     # -- inputs -------------------------------------------------------------------------
-    def preprocess(self, inputs: Sequence[ImageInput] | ImageInput) -> np.ndarray:
-        """Paths or PIL images -> ``[B, 3, H, W]`` float32, exactly as timm's eval transform."""
+    def preprocess(self, inputs: Sequence[ImageInput] | ImageInput, serial: bool = False) -> np.ndarray:
+        """Paths or PIL images -> ``[B, 3, H, W]`` float32, exactly as timm's eval transform.
+        ``serial``: on the calling thread only (as each part of a split batch is)."""
         if isinstance(inputs, (str, os.PathLike, Image.Image)):
             inputs = [inputs]
         config = self.metadata.preprocess
-        if len(inputs) < 2 or self.workers < 2:
+        if serial or len(inputs) < 2 or self.workers < 2:
             return preprocess_batch([load_image(item) for item in inputs], config)
         # Decoding and resizing release the GIL: a small pool overlaps them across images.
         return np.stack(list(self._pool.map(lambda item: preprocess_image(load_image(item), config), inputs)))
 
-    def _pixels(self, inputs) -> np.ndarray:
+    def _pixels(self, inputs, serial: bool = False) -> np.ndarray:
         if isinstance(inputs, np.ndarray):
             expected = self.metadata.preprocess.input_size
             if inputs.ndim != 4 or tuple(inputs.shape[1:]) != tuple(expected):
@@ -175,7 +194,7 @@ class Explainer:
                     f"got {list(inputs.shape)}"
                 )
             return np.ascontiguousarray(inputs, dtype=np.float32)
-        return self.preprocess(inputs)
+        return self.preprocess(inputs, serial)
 
     # -- checks ---------------------------------------------------------------------------
     def _categories(self, category_index, batch: int) -> tuple[int, ...] | None:
@@ -231,39 +250,99 @@ class Explainer:
             start_layer = check_start_layer(start_layer, meta.num_layers)
         elif start_layer != 0:
             raise ValueError(f"start layer applies to {', '.join(USES_START_LAYER)}, not to {method}")
-        pixels = self._pixels(inputs)
-        batch = pixels.shape[0]
+        if isinstance(inputs, np.ndarray):
+            inputs = self._pixels(inputs)  # shape checked before any work
+        elif isinstance(inputs, (str, os.PathLike, Image.Image)):
+            inputs = [inputs]
+        else:
+            inputs = list(inputs)
+        batch = len(inputs)
+        if batch == 0:
+            raise ValueError("no images to explain")
         categories = self._categories(category_index, batch)
+        settings = (method, head_fusion, discard_ratio, start_layer)
 
-        masks, logits, explained = [], [], []
-        for start in range(0, batch, self.graph_batch):
-            chunk = slice(start, start + self.graph_batch)
-            chunk_categories = categories[chunk] if categories is not None else None
-            chunk_masks, chunk_logits, chunk_categories = self._explain_chunk(
-                pixels[chunk], method, head_fusion, discard_ratio, chunk_categories, start_layer
-            )
-            masks.append(chunk_masks)
-            logits.append(chunk_logits)
-            explained.extend(chunk_categories or ())
+        if self._splits_batches and batch > 1:
+            parts = self._parts(batch)
+            results = list(self._pool.map(lambda part: self._explain_part(inputs, part, categories, settings), parts))
+        else:
+            pixels = self._pixels(inputs)
+            results = [
+                self._explain_chunk(pixels[chunk], _slice(categories, chunk), *settings)
+                for chunk in _chunks(batch, self.graph_batch)
+            ]
+        masks, logits, explained = zip(*results)
         return Explanation(
             np.concatenate(masks), np.concatenate(logits), method, head_fusion, discard_ratio,
-            tuple(explained) or None, meta, int(start_layer),
+            tuple(i for part in explained for i in (part or ())) or None, meta, int(start_layer),
         )
 
-    def _explain_chunk(self, pixels, method, head_fusion, discard_ratio, categories, start_layer):
-        meta = self.metadata
+    # -- how a batch is cut ---------------------------------------------------------------
+    @property
+    def _splits_batches(self) -> bool:
+        """Whether batches run as parts side by side, each on one core (CPU, two threads or more)."""
+        return self._pool is not None and not self.session.uses_cuda
+
+    def _parts(self, batch: int) -> list[slice]:
+        """Consecutive parts of about ``batch / workers`` images, ``graph_batch / workers`` at most."""
+        size = max(1, min(self.graph_batch // self.workers, math.ceil(batch / self.workers)))
+        return _chunks(batch, size)
+
+    def describe_calls(self, batch: int) -> str:
+        """How ``batch`` images are run, in words (for benchmark notes and logs)."""
+        if self._splits_batches and batch > 1:
+            sizes = sorted({p.stop - p.start for p in self._parts(batch)}, reverse=True)
+            return (
+                f"{len(self._parts(batch))} parts of {'/'.join(map(str, sizes))} images, side by side on "
+                f"{self.workers} threads, one graph call per part on one thread each"
+            )
+        chunks = _chunks(batch, self.graph_batch)
+        return f"{len(chunks)} graph call(s) of at most {self.graph_batch} images, each on every thread"
+
+    def _explain_part(self, inputs, part: slice, categories, settings):
+        """One part of a split batch, from image files to masks, on the calling thread only."""
+        pixels = self._pixels(inputs[part], serial=True)
+        return self._explain_chunk(pixels, _slice(categories, part), *settings, single_thread=True)
+
+    def graph_calls(self, pixels: np.ndarray, method: str, head_fusion: str | None, class_weights: np.ndarray | None) -> None:
+        """Exactly the graph calls :meth:`explain` makes for these images, and nothing else.
+
+        For the benchmark's "graph call alone": the same parts, threads and sessions, on pixels
+        preprocessed beforehand and with the class weights given (no top-1 forward pass)."""
+        fused = self.fuse_in_graph and method in FUSED_METHODS
+
+        def call(chunk: slice, single_thread: bool) -> None:
+            weights = None if class_weights is None else class_weights[chunk]
+            if fused:
+                self.session.run_fused(pixels[chunk], method, head_fusion, weights, single_thread)
+            else:
+                self.session.run(pixels[chunk], weights, single_thread)
+
+        if self._splits_batches and len(pixels) > 1:
+            list(self._pool.map(lambda part: call(part, True), self._parts(len(pixels))))
+        else:
+            for chunk in _chunks(len(pixels), self.graph_batch):
+                call(chunk, False)
+
+    def prepare(self, method: str, head_fusion: str | None, batch: int) -> None:
+        """Create now the sessions :meth:`explain` will use for ``batch`` images (else made on first use)."""
+        fused = self.fuse_in_graph and method in FUSED_METHODS
+        single_thread = self._splits_batches and batch > 1
+        self.session.prepare(method, head_fusion, fused=fused, single_thread=single_thread)
+
+    def _explain_chunk(self, pixels, categories, method, head_fusion, discard_ratio, start_layer, single_thread=False):
         weights = None
         if method in CLASS_SPECIFIC_METHODS:
-            weights, categories = self._class_weights(pixels, categories)
+            weights, categories = self._class_weights(pixels, categories, single_thread)
         if self.fuse_in_graph and method in FUSED_METHODS:
-            logits, fused = self.session.run_fused(pixels, method, head_fusion, weights)
+            logits, fused = self.session.run_fused(pixels, method, head_fusion, weights, single_thread)
             masks_for = self._fused_masks(fused, method, discard_ratio, start_layer)
         else:
-            outputs = self.session.run(pixels, weights)
+            outputs = self.session.run(pixels, weights, single_thread)
             logits = outputs.logits
             masks_for = self._raw_masks(outputs, method, head_fusion, discard_ratio, start_layer)
         batch = pixels.shape[0]
-        if batch < 2 or self.workers < 2:
+        if single_thread or batch < 2 or self.workers < 2:
             return masks_for(slice(None)), logits, categories
         # Each image's maths is independent and numpy releases the GIL in it: split the batch.
         bounds = np.linspace(0, batch, min(self.workers, batch) + 1).astype(int)
@@ -300,13 +379,15 @@ class Explainer:
 
         return masks_for
 
-    def _class_weights(self, pixels: np.ndarray, categories: tuple[int, ...] | None) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    def _class_weights(
+        self, pixels: np.ndarray, categories: tuple[int, ...] | None, single_thread: bool = False
+    ) -> tuple[np.ndarray, tuple[int, ...] | None]:
         batch, num_outputs = pixels.shape[0], self.metadata.num_outputs
         weights = np.zeros((batch, num_outputs), dtype=np.float32)
         if categories is not None:
             weights[np.arange(batch), list(categories)] = 1.0
             return weights, categories
-        outputs = self.session.run(pixels).logits  # a forward pass to find what to explain
+        outputs = self.session.run(pixels, single_thread=single_thread).logits  # a forward pass to find what to explain
         if self.metadata.output_kind == "logits":
             top = outputs.argmax(axis=1)
             weights[np.arange(batch), top] = 1.0

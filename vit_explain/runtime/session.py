@@ -65,6 +65,10 @@ def _fused_kind(method: str, head_fusion: str | None) -> tuple[str, str, str | N
     return ("fused", method, None if method == "gae" else head_fusion)
 
 
+#: ``"full"`` (the file as it is), ``"forward"`` or ``("fused", method, head fusion)``.
+SessionKind = str | tuple[str, str, str | None]
+
+
 @dataclass(frozen=True)
 class GraphOutputs:
     logits: np.ndarray  # [B, C]
@@ -89,19 +93,13 @@ class ModelSession:
         if not self.path.is_file():
             raise ModelFileError(f"model file not found: {self.path}")
         self.providers = resolve_providers(device)
-        self._options = ort.SessionOptions()
-        self._options.log_severity_level = 3  # errors only: a user's terminal is not a log
-        if threads:
-            self._options.intra_op_num_threads = threads
-        # The memory-pattern planner pre-allocates one block for the largest batch seen; without it
-        # the working memory at batch 8 is ~30% (forward) to ~50% (gradients) lower, at equal speed.
-        self._options.enable_mem_pattern = False
+        self.threads = threads
         model = self._load_proto()
         self.metadata = self._read_metadata(model)
         self._check_interface(model)
         self._forward_bytes: bytes | None = forward_only(model).SerializeToString()
         del model
-        self._sessions: dict[str | tuple[str, str, str | None], ort.InferenceSession] = {}
+        self._sessions: dict[tuple[SessionKind, bool], ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
     def _load_proto(self) -> onnx.ModelProto:
@@ -130,13 +128,31 @@ class ModelSession:
         if not expected_in <= inputs or not expected_out <= outputs:
             raise ModelFileError(f"{self.path}: graph inputs/outputs do not match vit-explain's interface")
 
-    def _session(self, kind: str | tuple[str, str, str | None]) -> ort.InferenceSession:
-        """The session for ``kind``: ``"full"`` (the file), ``"forward"`` or ``("fused", method, fusion)``."""
-        session = self._sessions.get(kind)
+    def _options(self, single_thread: bool) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: a user's terminal is not a log
+        if single_thread:
+            options.intra_op_num_threads = 1
+        elif self.threads:
+            options.intra_op_num_threads = self.threads
+        # The memory-pattern planner pre-allocates one block for the largest batch seen; without it
+        # the working memory at batch 8 is ~30% (forward) to ~50% (gradients) lower, at equal speed.
+        options.enable_mem_pattern = False
+        return options
+
+    def _session(self, kind: SessionKind, single_thread: bool = False) -> ort.InferenceSession:
+        """The session for ``kind``: ``"full"`` (the file), ``"forward"`` or ``("fused", method, fusion)``.
+
+        ``single_thread``: a session that runs each call on the calling thread alone. Several
+        such calls at once, each on part of a batch, keep the cores busier than one call that
+        splits every operator over them (see :class:`~vit_explain.runtime.explainer.Explainer`).
+        It is a second session, with its own copy of the weights, made on first use."""
+        key = (kind, bool(single_thread))
+        session = self._sessions.get(key)
         if session is not None:
             return session
         with self._lock:  # one creation per kind, even when first calls race
-            if kind not in self._sessions:
+            if key not in self._sessions:
                 if kind == "full":
                     source: str | bytes = str(self.path)
                 elif kind == "forward":
@@ -145,7 +161,7 @@ class ModelSession:
                 else:
                     source = fused_maps(self._load_proto(), kind[1], kind[2]).SerializeToString()
                 try:
-                    session = ort.InferenceSession(source, self._options, providers=self.providers)
+                    session = ort.InferenceSession(source, self._options(single_thread), providers=self.providers)
                 except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types here
                     raise ModelFileError(f"{self.path} cannot be loaded by onnxruntime ({first_line(exc)})") from None
                 if self.uses_cuda and _CUDA not in session.get_providers():
@@ -155,8 +171,8 @@ class ModelSession:
                         "onnxruntime's CUDA provider is installed but could not start (check the CUDA and "
                         "cuDNN libraries onnxruntime-gpu needs); use device 'cpu' to run on the CPU"
                     )
-                self._sessions[kind] = session
-            return self._sessions[kind]
+                self._sessions[key] = session
+            return self._sessions[key]
 
     @property
     def full_session(self) -> ort.InferenceSession:
@@ -172,22 +188,27 @@ class ModelSession:
     def uses_cuda(self) -> bool:
         return self.providers[0] != _CPU
 
-    def prepare(self, method: str | None = None, head_fusion: str | None = None, fused: bool = False) -> None:
+    def prepare(
+        self, method: str | None = None, head_fusion: str | None = None, fused: bool = False, single_thread: bool = False
+    ) -> None:
         """Create now the session a later call will use (they are otherwise made on first use):
         ``method=None`` the forward-only one, ``rollout``/``attention`` without ``fused`` too,
         ``grad_rollout``/``gae`` without ``fused`` the full one, with ``fused`` that method's."""
         if fused:
-            self._session(_fused_kind(method, head_fusion))
+            self._session(_fused_kind(method, head_fusion), single_thread)
         elif method in ("grad_rollout", "gae"):
-            self._session("full")
+            self._session("full", single_thread)
         else:
-            self._session("forward")
+            self._session("forward", single_thread)
 
-    def run(self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None) -> GraphOutputs:
+    def run(
+        self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
+    ) -> GraphOutputs:
         """One graph call: forward only, or forward + attention gradients when ``class_weights`` is given."""
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if class_weights is None:
-            logits, attentions = self._run(self.forward_session, {INPUT_PIXELS: pixels}, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+            session = self._session("forward", single_thread)
+            logits, attentions = self._run(session, {INPUT_PIXELS: pixels}, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
             return GraphOutputs(logits, attentions, None)
         feeds = {
             INPUT_PIXELS: pixels,
@@ -195,17 +216,22 @@ class ModelSession:
             INPUT_COMPUTE_GRADIENTS: np.array(True),
         }
         logits, attentions, gradients = self._run(
-            self.full_session, feeds, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
+            self._session("full", single_thread), feeds, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
         )
         return GraphOutputs(logits, attentions, gradients)
 
     def run_fused(
-        self, pixel_values: np.ndarray, method: str, head_fusion: str | None, class_weights: np.ndarray | None = None
+        self,
+        pixel_values: np.ndarray,
+        method: str,
+        head_fusion: str | None,
+        class_weights: np.ndarray | None = None,
+        single_thread: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and the per-layer head-fused maps ``[L, B, N, N]`` that ``method`` reads
         (:func:`.graph_variants.fused_maps`): ``heads`` times less data out of the graph than
         :meth:`run`. ``class_weights`` for ``grad_rollout`` and ``gae``."""
-        session = self._session(_fused_kind(method, head_fusion))
+        session = self._session(_fused_kind(method, head_fusion), single_thread)
         feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
         if method != "rollout":
             if class_weights is None:
