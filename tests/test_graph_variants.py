@@ -5,6 +5,7 @@
   to summation order), and ``Explainer(fuse_in_graph=True)`` gives the masks of the raw path;
 - ``gradients_inlined`` (the ``If`` replaced by its branch) computes exactly what the file does;
 - ``forward_only`` keeps only what its outputs need;
+- ``per_layer_outputs`` returns exactly the layers of the file's stacked outputs, on every family;
 - ``kth_smallest`` equals ``np.partition`` on ties, zeros, negatives, NaN and both float widths;
 - a CUDA session that silently fell back to the CPU is refused.
 """
@@ -17,10 +18,23 @@ import onnxruntime as ort
 import pytest
 
 from vit_explain.errors import DeviceError, ModelFileError
-from vit_explain.metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, INPUT_PIXELS, OUTPUT_LOGITS
+from vit_explain.metadata import (
+    INPUT_CLASS_WEIGHTS,
+    INPUT_COMPUTE_GRADIENTS,
+    INPUT_PIXELS,
+    OUTPUT_ATTENTIONS,
+    OUTPUT_GRADIENTS,
+    OUTPUT_LOGITS,
+)
 from vit_explain.runtime import Explainer
 from vit_explain.runtime import graph_variants, session as session_module
-from vit_explain.runtime.graph_variants import FUSED_OUTPUT, forward_only, fused_maps, gradients_inlined
+from vit_explain.runtime.graph_variants import (
+    FUSED_OUTPUT,
+    forward_only,
+    fused_maps,
+    gradients_inlined,
+    per_layer_outputs,
+)
 from vit_explain.runtime.rollout import _weighted_head_mean, fuse_heads, kth_smallest
 from vit_explain.runtime.session import ModelSession
 
@@ -92,6 +106,39 @@ def test_explainer_masks_are_the_same_with_heads_fused_in_the_graph(deit, start_
             np.testing.assert_allclose(b.logits, a.logits, **LOGITS_TOLERANCE)
             assert b.category_index == a.category_index
             assert a.masks.max() > 0
+
+
+def test_per_layer_outputs_are_the_layers_of_the_files_stacks(export_family, family_key):
+    """Every family's graph stacks its layers with the Concat + Reshape that ``per_layer_outputs``
+    takes apart, and the per-layer outputs are exactly the slices of the file's stacked ones."""
+    exported = export_family(family_key)
+    model = onnx.load(str(exported.path))
+    pixels, weights = _inputs(exported.metadata)
+    num_layers = exported.metadata.num_layers
+    layered, names = per_layer_outputs(gradients_inlined(model), [OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS], num_layers)
+    assert all(names[group] is not None and len(names[group]) == num_layers for group in names)
+    stacks = [list(node.input) for node in layered.graph.node if node.op_type == "Concat"]
+    assert names[OUTPUT_ATTENTIONS] not in stacks and names[OUTPUT_GRADIENTS] not in stacks  # the copies are gone
+    assert {o.name for o in layered.graph.output}.isdisjoint({OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS})
+    wanted = [OUTPUT_LOGITS, *names[OUTPUT_ATTENTIONS], *names[OUTPUT_GRADIENTS]]
+    got = _session(layered).run(wanted, {INPUT_PIXELS: pixels, INPUT_CLASS_WEIGHTS: weights})
+    logits, attentions, gradients = _session(model).run(
+        None, {INPUT_PIXELS: pixels, INPUT_CLASS_WEIGHTS: weights, INPUT_COMPUTE_GRADIENTS: np.array(True)}
+    )
+    np.testing.assert_allclose(got[0], logits, **LOGITS_TOLERANCE)
+    np.testing.assert_array_equal(np.stack(got[1 : 1 + num_layers]), attentions)
+    np.testing.assert_array_equal(np.stack(got[1 + num_layers :]), gradients)
+    # The session's runs use them, and stack them back for run().
+    session = ModelSession(exported.path, device="cpu")
+    stacked = session.run(pixels, weights)
+    np.testing.assert_array_equal(stacked.gradients, gradients)
+    assert session._layer_names["gradients"] == names
+
+
+def test_a_graph_without_the_stacking_pattern_keeps_its_stacked_output(deit):
+    model = forward_only(onnx.load(str(deit.path)))
+    _, names = per_layer_outputs(model, [OUTPUT_ATTENTIONS], deit.metadata.num_layers + 1)  # not L inputs
+    assert names == {OUTPUT_ATTENTIONS: None}
 
 
 def test_inlined_gradient_graph_computes_what_the_file_computes(deit):

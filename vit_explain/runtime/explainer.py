@@ -316,7 +316,7 @@ class Explainer:
             if fused:
                 self.session.run_fused(pixels[chunk], method, head_fusion, weights, single_thread)
             else:
-                self.session.run(pixels[chunk], weights, single_thread)
+                self.session.run_layers(pixels[chunk], weights, single_thread)
 
         if self._splits_batches and len(pixels) > 1:
             list(self._pool.map(lambda part: call(part, True), self._parts(len(pixels))))
@@ -338,7 +338,7 @@ class Explainer:
             logits, fused = self.session.run_fused(pixels, method, head_fusion, weights, single_thread)
             masks_for = self._fused_masks(fused, method, discard_ratio, start_layer)
         else:
-            outputs = self.session.run(pixels, weights, single_thread)
+            outputs = self.session.run_layers(pixels, weights, single_thread)
             logits = outputs.logits
             masks_for = self._raw_masks(outputs, method, head_fusion, discard_ratio, start_layer)
         batch = pixels.shape[0]
@@ -354,8 +354,8 @@ class Explainer:
         layout = (self.metadata.num_prefix_tokens, self.metadata.grid_size, self.metadata.has_class_token)
 
         def masks_for(items: slice) -> np.ndarray:
-            attentions = outputs.attentions[:, items]
-            gradients = None if outputs.gradients is None else outputs.gradients[:, items]
+            attentions = [layer[items] for layer in outputs.attentions]
+            gradients = None if outputs.gradients is None else [layer[items] for layer in outputs.gradients]
             if method == "gae":
                 return gae_masks(attentions, gradients, *layout, start_layer)
             if method == "attention":
@@ -387,7 +387,7 @@ class Explainer:
         if categories is not None:
             weights[np.arange(batch), list(categories)] = 1.0
             return weights, categories
-        outputs = self.session.run(pixels, single_thread=single_thread).logits  # a forward pass to find what to explain
+        outputs = self.session.run_layers(pixels, single_thread=single_thread).logits  # a forward pass to find what to explain
         if self.metadata.output_kind == "logits":
             top = outputs.argmax(axis=1)
             weights[np.arange(batch), top] = 1.0

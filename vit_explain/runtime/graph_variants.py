@@ -11,6 +11,8 @@ any file of this format gets them and the file keeps its raw outputs for those w
 - :func:`forward_only`: logits and raw attentions, no backward branch.
 - :func:`gradients_inlined`: the ``If`` replaced by its ``then`` branch, so the gradient
   session has no control flow for onnxruntime to optimise around.
+- :func:`per_layer_outputs`: one output per layer instead of the ``[L, ...]`` stacks, which
+  onnxruntime would otherwise copy twice.
 - :func:`fused_maps`: the per-layer head-fused map a method reads, as output ``fused_maps``
   (see :data:`FUSED_OUTPUT`), and nothing raw.
 
@@ -28,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import ModelFileError
 from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS, OUTPUT_LOGITS
 
-__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "gradients_inlined", "fused_maps", "prune"]
+__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "gradients_inlined", "per_layer_outputs", "fused_maps", "prune"]
 
 FUSED_OUTPUT = "fused_maps"
 #: Methods whose maths reads one head-fused map per layer (``attention`` reads the raw last layer).
@@ -123,6 +125,40 @@ def gradients_inlined(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return prune(inlined, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS])
+
+
+def per_layer_outputs(model: onnx.ModelProto, names: list[str], num_layers: int) -> tuple[onnx.ModelProto, dict[str, list[str] | None]]:
+    """The stacked outputs ``names`` (``[L, B, ...]``) replaced by one output per layer (in place).
+
+    The exporter stacks the per-layer tensors with a ``Concat`` along the first axis and a
+    ``Reshape`` to ``[L, B, ...]``: two copies of every attention (and gradient) map, about 4%
+    of a gradient call, and the numpy maths then reads the stack one layer at a time anyway.
+    Here the ``Concat``'s inputs themselves become the graph's outputs, so onnxruntime returns
+    the very tensors it computed. Returns the graph (pruned to logits and those outputs) and,
+    per name, its layers' output names in layer order, or ``None`` where the graph does not have
+    that shape (then the stacked output is kept as it is).
+    """
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    layers: dict[str, list[str] | None] = {}
+    keep = [OUTPUT_LOGITS]
+    for name in names:
+        node = producer.get(name)
+        while node is not None and node.op_type == "Identity":
+            node = producer.get(node.input[0])
+        stack = producer.get(node.input[0]) if node is not None and node.op_type == "Reshape" else None
+        axis = next((helper.get_attribute_value(a) for a in stack.attribute if a.name == "axis"), None) if stack else None
+        if stack is None or stack.op_type != "Concat" or axis != 0 or len(set(stack.input)) != num_layers:
+            layers[name] = None
+            keep.append(name)
+            continue
+        layers[name] = list(stack.input)
+        declared = {o.name for o in graph.output}
+        graph.output.extend(
+            helper.make_tensor_value_info(value, TensorProto.FLOAT, None) for value in stack.input if value not in declared
+        )
+        keep.extend(stack.input)
+    return prune(model, keep), layers
 
 
 def fused_maps(model: onnx.ModelProto, method: str, head_fusion: str | None) -> onnx.ModelProto:

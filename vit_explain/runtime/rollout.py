@@ -35,7 +35,7 @@ For a model without a class token, the start vector is the mean of the patch tok
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,6 +45,7 @@ __all__ = [
     "CLASS_SPECIFIC_METHODS",
     "fuse_heads",
     "discard_lowest",
+    "Layers",
     "check_start_layer",
     "kth_smallest",
     "rollout_rows",
@@ -225,11 +226,22 @@ def _start_rows(batch: int, tokens: int, num_prefix_tokens: int, has_class_token
     return rows
 
 
-def _check_gradients(attentions: np.ndarray, gradients: np.ndarray | None) -> None:
-    if attentions.ndim != 5:
-        raise ValueError(f"attentions must be [layers, batch, heads, tokens, tokens], got shape {attentions.shape}")
-    if gradients is not None and gradients.shape != attentions.shape:
-        raise ValueError(f"gradients {gradients.shape} do not match attentions {attentions.shape}")
+#: Per-layer maps: ``[L, B, heads, N, N]``, or a sequence of ``L`` arrays ``[B, heads, N, N]``
+#: (what :meth:`~vit_explain.runtime.session.ModelSession.run_layers` returns, unstacked).
+Layers = np.ndarray | Sequence[np.ndarray]
+
+
+def _layers_shape(attentions: Layers, gradients: Layers | None) -> tuple[int, int, int]:
+    """``(layers, batch, tokens)`` after checking every layer (and gradient) has one shape."""
+    shapes = {np.shape(layer) for layer in attentions}
+    if len(attentions) == 0 or len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        found = np.shape(attentions) if isinstance(attentions, np.ndarray) else sorted(shapes)
+        raise ValueError(f"attentions must be [layers, batch, heads, tokens, tokens], got shape {found}")
+    (shape,) = shapes
+    if gradients is not None and (len(gradients) != len(attentions) or {np.shape(g) for g in gradients} != shapes):
+        found = np.shape(gradients) if isinstance(gradients, np.ndarray) else [np.shape(g) for g in gradients]
+        raise ValueError(f"gradients {found} do not match attentions {(len(attentions), *shape)}")
+    return len(attentions), shape[0], shape[2]
 
 
 def _layer_range(layers: int, start_layer: int) -> range:
@@ -245,8 +257,8 @@ def _rollout_step(row: np.ndarray, fused: np.ndarray) -> np.ndarray:
 
 
 def rollout_rows(
-    attentions: np.ndarray,
-    gradients: np.ndarray | None,
+    attentions: Layers,
+    gradients: Layers | None,
     head_fusion: str,
     discard_ratio: float,
     num_prefix_tokens: int,
@@ -257,8 +269,7 @@ def rollout_rows(
 
     ``attentions`` (and ``gradients`` for gradient rollout) are ``[L, B, heads, N, N]``.
     """
-    _check_gradients(attentions, gradients)
-    layers, batch, _, tokens, _ = attentions.shape
+    layers, batch, tokens = _layers_shape(attentions, gradients)
     row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token)
     for layer in _layer_range(layers, start_layer):
         if gradients is None:
@@ -293,8 +304,8 @@ def rollout_rows_from_fused(
 
 
 def gae_rows(
-    attentions: np.ndarray,
-    gradients: np.ndarray,
+    attentions: Layers,
+    gradients: Layers,
     num_prefix_tokens: int,
     has_class_token: bool = True,
     start_layer: int = 0,
@@ -306,8 +317,7 @@ def gae_rows(
     """
     if gradients is None:
         raise ValueError("gae needs the attention gradients")
-    _check_gradients(attentions, gradients)
-    layers, batch, _, tokens, _ = attentions.shape
+    layers, batch, tokens = _layers_shape(attentions, gradients)
     row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token)
     # Forward recurrence R_l = R_{l-1} + Abar_l R_{l-1} = (I + Abar_l) R_{l-1}, so the first
     # factor applied to the row vector is the last layer's.
@@ -328,14 +338,13 @@ def gae_rows_from_fused(
 
 
 def attention_rows(
-    attentions: np.ndarray,
+    attentions: Layers,
     head_fusion: str,
     num_prefix_tokens: int,
     has_class_token: bool = True,
 ) -> np.ndarray:
     """The last layer's attention from the class token to each patch, heads fused: ``[B, num_patches]``."""
-    _check_gradients(attentions, None)
-    _, batch, _, tokens, _ = attentions.shape
+    _, batch, tokens = _layers_shape(attentions, None)
     fused = fuse_heads(attentions[-1].astype(np.float64), head_fusion)
     row = _start_rows(batch, tokens, num_prefix_tokens, has_class_token) @ fused
     return row[:, 0, num_prefix_tokens:]
@@ -356,8 +365,8 @@ def rows_to_masks(rows: np.ndarray, grid_size: tuple[int, int]) -> np.ndarray:
 
 
 def rollout_masks(
-    attentions: np.ndarray,
-    gradients: np.ndarray | None,
+    attentions: Layers,
+    gradients: Layers | None,
     head_fusion: str,
     discard_ratio: float,
     num_prefix_tokens: int,
@@ -373,8 +382,8 @@ def rollout_masks(
 
 
 def gae_masks(
-    attentions: np.ndarray,
-    gradients: np.ndarray,
+    attentions: Layers,
+    gradients: Layers,
     num_prefix_tokens: int,
     grid_size: tuple[int, int],
     has_class_token: bool = True,
@@ -385,7 +394,7 @@ def gae_masks(
 
 
 def attention_masks(
-    attentions: np.ndarray,
+    attentions: Layers,
     head_fusion: str,
     num_prefix_tokens: int,
     grid_size: tuple[int, int],

@@ -27,9 +27,9 @@ from ..metadata import (
     MetadataError,
     ModelMetadata,
 )
-from .graph_variants import FUSED_OUTPUT, forward_only, fused_maps
+from .graph_variants import FUSED_OUTPUT, forward_only, fused_maps, gradients_inlined, per_layer_outputs
 
-__all__ = ["DEVICES", "GraphOutputs", "ModelSession", "forward_only", "resolve_providers"]
+__all__ = ["DEVICES", "GraphOutputs", "LayerOutputs", "ModelSession", "forward_only", "resolve_providers"]
 
 DEVICES = ("auto", "cpu", "cuda")
 _CUDA = "CUDAExecutionProvider"
@@ -76,16 +76,23 @@ class GraphOutputs:
     gradients: np.ndarray | None  # [L, B, heads, N, N], None when not asked for
 
 
+@dataclass(frozen=True)
+class LayerOutputs:
+    logits: np.ndarray  # [B, C]
+    attentions: list[np.ndarray]  # per layer [B, heads, N, N]
+    gradients: list[np.ndarray] | None  # per layer [B, heads, N, N], None when not asked for
+
+
 class ModelSession:
     """A vit-explain model loaded for inference.
 
-    onnxruntime sessions are made from the one file, each on first use: the full graph
-    (forward + the optional backward) for the class-specific methods, a forward-only graph
-    pruned from it for rollout, and, for :meth:`run_fused`, one graph per (method, head fusion)
-    that returns head-fused maps instead of raw per-head tensors (:mod:`.graph_variants`). The
-    pruned graph matters for memory, not only speed: in the full graph the forward values the
-    backward branch reads stay alive until the ``If`` node runs, even when it takes the empty
-    branch (about 3x the working memory at batch 32).
+    onnxruntime sessions are made from the one file, each on first use (:mod:`.graph_variants`):
+    for the class-specific methods the graph with its gradient branch inlined, for the others a
+    forward-only graph pruned from it, both returning one output per layer; and, for
+    :meth:`run_fused`, one graph per (method, head fusion) that returns head-fused maps instead
+    of raw per-head tensors. The pruned graph matters for memory, not only speed: in the file's
+    graph the forward values the backward branch reads stay alive until the ``If`` node runs,
+    even when it takes the empty branch (about 3x the working memory at batch 32).
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
@@ -97,9 +104,11 @@ class ModelSession:
         model = self._load_proto()
         self.metadata = self._read_metadata(model)
         self._check_interface(model)
-        self._forward_bytes: bytes | None = forward_only(model).SerializeToString()
+        forward_only(model)  # refuses a file whose forward half reads the class weights, now
         del model
         self._sessions: dict[tuple[SessionKind, bool], ort.InferenceSession] = {}
+        #: Per session kind, the output names of each stacked output's layers (None: kept stacked).
+        self._layer_names: dict[SessionKind, dict[str, list[str] | None]] = {}
         self._lock = threading.Lock()
 
     def _load_proto(self) -> onnx.ModelProto:
@@ -155,9 +164,8 @@ class ModelSession:
             if key not in self._sessions:
                 if kind == "full":
                     source: str | bytes = str(self.path)
-                elif kind == "forward":
-                    source = self._forward_bytes or forward_only(self._load_proto()).SerializeToString()
-                    self._forward_bytes = None
+                elif kind in ("forward", "gradients"):
+                    source = self._layered_graph(kind)
                 else:
                     source = fused_maps(self._load_proto(), kind[1], kind[2]).SerializeToString()
                 try:
@@ -173,6 +181,18 @@ class ModelSession:
                     )
                 self._sessions[key] = session
             return self._sessions[key]
+
+    def _layered_graph(self, kind: str) -> bytes:
+        """The graph behind :meth:`run_layers`: forward only, or with the gradients inlined, one
+        output per layer. Both single- and multi-threaded sessions of a kind share the names."""
+        model = self._load_proto()
+        if kind == "forward":
+            model, stacked = forward_only(model), [OUTPUT_ATTENTIONS]
+        else:
+            model, stacked = gradients_inlined(model), [OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
+        model, layers = per_layer_outputs(model, stacked, self.metadata.num_layers)
+        self._layer_names[kind] = layers
+        return model.SerializeToString()
 
     @property
     def full_session(self) -> ort.InferenceSession:
@@ -197,28 +217,38 @@ class ModelSession:
         if fused:
             self._session(_fused_kind(method, head_fusion), single_thread)
         elif method in ("grad_rollout", "gae"):
-            self._session("full", single_thread)
+            self._session("gradients", single_thread)
         else:
             self._session("forward", single_thread)
+
+    def run_layers(
+        self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
+    ) -> LayerOutputs:
+        """One graph call: forward only, or forward + attention gradients when ``class_weights``
+        is given; every layer's map as its own array, as the graph computed it (no stacking)."""
+        feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
+        kind = "forward"
+        if class_weights is not None:
+            feeds[INPUT_CLASS_WEIGHTS] = np.ascontiguousarray(class_weights, dtype=np.float32)
+            kind = "gradients"
+        session = self._session(kind, single_thread)
+        layers = self._layer_names[kind]
+        groups = [OUTPUT_ATTENTIONS] + ([OUTPUT_GRADIENTS] if class_weights is not None else [])
+        names = [OUTPUT_LOGITS]
+        for group in groups:
+            names.extend(layers[group] or [group])
+        values = iter(self._run(session, feeds, names))
+        logits = next(values)
+        per_group = [[next(values) for _ in layers[group]] if layers[group] else list(next(values)) for group in groups]
+        return LayerOutputs(logits, per_group[0], per_group[1] if class_weights is not None else None)
 
     def run(
         self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
     ) -> GraphOutputs:
-        """One graph call: forward only, or forward + attention gradients when ``class_weights`` is given."""
-        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        if class_weights is None:
-            session = self._session("forward", single_thread)
-            logits, attentions = self._run(session, {INPUT_PIXELS: pixels}, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
-            return GraphOutputs(logits, attentions, None)
-        feeds = {
-            INPUT_PIXELS: pixels,
-            INPUT_CLASS_WEIGHTS: np.ascontiguousarray(class_weights, dtype=np.float32),
-            INPUT_COMPUTE_GRADIENTS: np.array(True),
-        }
-        logits, attentions, gradients = self._run(
-            self._session("full", single_thread), feeds, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
-        )
-        return GraphOutputs(logits, attentions, gradients)
+        """:meth:`run_layers` with the layers stacked, ``[L, B, heads, N, N]``, as the file's outputs."""
+        outputs = self.run_layers(pixel_values, class_weights, single_thread)
+        gradients = None if outputs.gradients is None else np.stack(outputs.gradients)
+        return GraphOutputs(outputs.logits, np.stack(outputs.attentions), gradients)
 
     def run_fused(
         self,
