@@ -5,6 +5,7 @@
   to summation order), and ``Explainer(fuse_in_graph=True)`` gives the masks of the raw path;
 - ``gradients_inlined`` (the ``If`` replaced by its branch) computes exactly what the file does;
 - ``forward_only`` keeps only what its outputs need;
+- ``top1_class_weights`` picks the weights a forward pass would have, inside the one call;
 - ``per_layer_outputs`` returns exactly the layers of the file's stacked outputs, on every family;
 - ``kth_smallest`` equals ``np.partition`` on ties, zeros, negatives, NaN and both float widths;
 - a CUDA session that silently fell back to the CPU is refused.
@@ -133,6 +134,37 @@ def test_per_layer_outputs_are_the_layers_of_the_files_stacks(export_family, fam
     stacked = session.run(pixels, weights)
     np.testing.assert_array_equal(stacked.gradients, gradients)
     assert session._layer_names["gradients"] == names
+
+
+def test_top1_graph_explains_what_a_forward_pass_would_have_chosen(export_family, family_key):
+    """The class weights the graph picks from its own logits (one-hot at the first maximum; the
+    unit output vector for a feature model) give the gradients of those weights passed in, in
+    one call: the Explainer makes no separate forward pass for the top-1 class any more."""
+    exported = export_family(family_key)
+    meta = exported.metadata
+    pixels, _ = _inputs(meta, batch=3, seed=2)
+    session = ModelSession(exported.path, device="cpu")
+    chosen = session.run_layers(pixels, top1=True)
+    logits = session.run_layers(pixels).logits
+    if meta.output_kind == "logits":
+        weights = np.zeros((3, meta.num_outputs), dtype=np.float32)
+        weights[np.arange(3), logits.argmax(axis=1)] = 1.0
+    else:
+        norms = np.linalg.norm(logits, axis=1, keepdims=True)
+        weights = (logits / np.where(norms > 0, norms, 1)).astype(np.float32)
+    given = session.run_layers(pixels, weights)
+    np.testing.assert_allclose(chosen.logits, given.logits, **LOGITS_TOLERANCE)
+    scale = max(np.abs(np.stack(given.gradients)).max(), 1e-30)
+    np.testing.assert_allclose(np.stack(chosen.gradients), np.stack(given.gradients), rtol=0, atol=1e-5 * scale)
+    np.testing.assert_array_equal(np.stack(chosen.attentions), np.stack(given.attentions))
+
+    explainer = Explainer(exported.path, device="cpu", threads=1)
+    result = explainer.explain(pixels, method="grad_rollout")
+    assert set(explainer.session._sessions) == {("gradients_top1", False)}  # one graph, one call
+    if meta.output_kind == "logits":
+        assert result.category_index == tuple(int(i) for i in result.logits.argmax(axis=1))
+    else:
+        assert result.category_index is None
 
 
 def test_a_graph_without_the_stacking_pattern_keeps_its_stacked_output(deit):

@@ -41,7 +41,7 @@ DEFAULT_BATCH_SIZE = 16
 
 def session_score_fn(explainer) -> ScoreFn:
     """The explainer's own graph, forward only: ``pixels -> logits`` (or features)."""
-    return lambda pixels: explainer.session.run(pixels).logits
+    return lambda pixels: explainer.session.run_layers(pixels).logits  # no stacking of the maps
 
 
 # -- checks ----------------------------------------------------------------------------------

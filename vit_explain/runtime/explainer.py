@@ -324,23 +324,26 @@ class Explainer:
             for chunk in _chunks(len(pixels), self.graph_batch):
                 call(chunk, False)
 
-    def prepare(self, method: str, head_fusion: str | None, batch: int) -> None:
-        """Create now the sessions :meth:`explain` will use for ``batch`` images (else made on first use)."""
+    def prepare(self, method: str, head_fusion: str | None, batch: int, top1: bool = False) -> None:
+        """Create now the sessions :meth:`explain` will use for ``batch`` images (else made on
+        first use); ``top1``: for a class-specific method called without a category."""
         fused = self.fuse_in_graph and method in FUSED_METHODS
         single_thread = self._splits_batches and batch > 1
-        self.session.prepare(method, head_fusion, fused=fused, single_thread=single_thread)
+        self.session.prepare(method, head_fusion, fused=fused, single_thread=single_thread, top1=top1)
 
     def _explain_chunk(self, pixels, categories, method, head_fusion, discard_ratio, start_layer, single_thread=False):
-        weights = None
-        if method in CLASS_SPECIFIC_METHODS:
-            weights, categories = self._class_weights(pixels, categories, single_thread)
+        # Without a category, the graph explains each image's top-1 output itself, in one call.
+        top1 = method in CLASS_SPECIFIC_METHODS and categories is None
+        weights = self._class_weights(categories) if method in CLASS_SPECIFIC_METHODS and not top1 else None
         if self.fuse_in_graph and method in FUSED_METHODS:
-            logits, fused = self.session.run_fused(pixels, method, head_fusion, weights, single_thread)
+            logits, fused = self.session.run_fused(pixels, method, head_fusion, weights, single_thread, top1)
             masks_for = self._fused_masks(fused, method, discard_ratio, start_layer)
         else:
-            outputs = self.session.run_layers(pixels, weights, single_thread)
+            outputs = self.session.run_layers(pixels, weights, single_thread, top1)
             logits = outputs.logits
             masks_for = self._raw_masks(outputs, method, head_fusion, discard_ratio, start_layer)
+        if top1 and self.metadata.output_kind == "logits":
+            categories = tuple(int(i) for i in logits.argmax(axis=1))  # the graph's choice: the first maximum
         batch = pixels.shape[0]
         if single_thread or batch < 2 or self.workers < 2:
             return masks_for(slice(None)), logits, categories
@@ -379,18 +382,8 @@ class Explainer:
 
         return masks_for
 
-    def _class_weights(
-        self, pixels: np.ndarray, categories: tuple[int, ...] | None, single_thread: bool = False
-    ) -> tuple[np.ndarray, tuple[int, ...] | None]:
-        batch, num_outputs = pixels.shape[0], self.metadata.num_outputs
-        weights = np.zeros((batch, num_outputs), dtype=np.float32)
-        if categories is not None:
-            weights[np.arange(batch), list(categories)] = 1.0
-            return weights, categories
-        outputs = self.session.run_layers(pixels, single_thread=single_thread).logits  # a forward pass to find what to explain
-        if self.metadata.output_kind == "logits":
-            top = outputs.argmax(axis=1)
-            weights[np.arange(batch), top] = 1.0
-            return weights, tuple(int(i) for i in top)
-        norms = np.linalg.norm(outputs, axis=1, keepdims=True)
-        return (outputs / np.where(norms > 0, norms, 1)).astype(np.float32), None
+    def _class_weights(self, categories: tuple[int, ...]) -> np.ndarray:
+        """One-hot ``[B, outputs]`` float32 weights for the categories (one per image)."""
+        weights = np.zeros((len(categories), self.metadata.num_outputs), dtype=np.float32)
+        weights[np.arange(len(categories)), list(categories)] = 1.0
+        return weights

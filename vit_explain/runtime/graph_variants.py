@@ -11,6 +11,8 @@ any file of this format gets them and the file keeps its raw outputs for those w
 - :func:`forward_only`: logits and raw attentions, no backward branch.
 - :func:`gradients_inlined`: the ``If`` replaced by its ``then`` branch, so the gradient
   session has no control flow for onnxruntime to optimise around.
+- :func:`top1_class_weights`: the class weights chosen from the graph's own logits (top-1), so
+  explaining the predicted class takes one call, not a forward pass and then a second one.
 - :func:`per_layer_outputs`: one output per layer instead of the ``[L, ...]`` stacks, which
   onnxruntime would otherwise copy twice.
 - :func:`fused_maps`: the per-layer head-fused map a method reads, as output ``fused_maps``
@@ -23,6 +25,8 @@ float64 (the product of two float32 numbers is exact in float64).
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -30,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import ModelFileError
 from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS, OUTPUT_LOGITS
 
-__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "gradients_inlined", "per_layer_outputs", "fused_maps", "prune"]
+__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "gradients_inlined", "per_layer_outputs", "top1_class_weights", "fused_maps", "prune"]
 
 FUSED_OUTPUT = "fused_maps"
 #: Methods whose maths reads one head-fused map per layer (``attention`` reads the raw last layer).
@@ -125,6 +129,75 @@ def gradients_inlined(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return prune(inlined, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS])
+
+
+def _topologically_sorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each comes after the producers of what it reads (Kahn's
+    algorithm; nodes already in order keep it)."""
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output}
+    waiting_on = []
+    readers: dict[int, list[int]] = {}
+    for index, node in enumerate(nodes):
+        sources = {producer[name] for name in _subgraph_inputs(node) if name not in available and name in producer}
+        waiting_on.append(len(sources))
+        for source in sources:
+            readers.setdefault(source, []).append(index)
+    ready = [index for index, count in enumerate(waiting_on) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        index = heapq.heappop(ready)
+        ordered.append(nodes[index])
+        for reader in readers.get(index, ()):
+            waiting_on[reader] -= 1
+            if waiting_on[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(ordered) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    return ordered
+
+
+def top1_class_weights(model: onnx.ModelProto, output_kind: str) -> onnx.ModelProto:
+    """The gradients explain each image's own output, chosen inside the graph (in place).
+
+    The ``class_weights`` input becomes a value computed from the logits: one-hot at the first
+    maximum (``numpy.argmax``'s choice) for a classifier, the unit-length output itself for a
+    feature model. Without this, explaining the top-1 class costs a forward pass to find it and
+    then a second one under the backward pass.
+    """
+    graph = model.graph
+    if not any(i.name == INPUT_CLASS_WEIGHTS for i in graph.input):
+        raise ValueError("the graph has no class weights input")
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], output: str | None = None, **attributes) -> str:
+        name = output or f"{_PREFIX}top1_{len(nodes)}_{op.lower()}"
+        nodes.append(helper.make_node(op, inputs, [name], name=f"{_PREFIX}top1_{len(nodes)}", **attributes))
+        return name
+
+    def constant(name: str, value: np.ndarray) -> str:
+        graph.initializer.append(numpy_helper.from_array(value, f"{_PREFIX}top1_{name}"))
+        return f"{_PREFIX}top1_{name}"
+
+    if output_kind == "logits":
+        top = add("ArgMax", [OUTPUT_LOGITS], axis=1, keepdims=1, select_last_index=0)  # [B, 1]
+        classes = add("Range", [constant("zero", np.array(0, np.int64)),
+                                add("Gather", [add("Shape", [OUTPUT_LOGITS]), constant("one", np.array(1, np.int64))]),
+                                constant("step", np.array(1, np.int64))])  # [C]
+        add("Cast", [add("Equal", [classes, top])], INPUT_CLASS_WEIGHTS, to=TensorProto.FLOAT)
+    else:
+        norm = add("ReduceL2", [OUTPUT_LOGITS, constant("axis", np.array([1], np.int64))], keepdims=1)
+        safe = add("Where", [add("Greater", [norm, constant("zero", np.array(0, np.float32))]), norm,
+                             constant("unit", np.array(1, np.float32))])
+        add("Div", [OUTPUT_LOGITS, safe], INPUT_CLASS_WEIGHTS)
+    inputs = [i for i in graph.input if i.name != INPUT_CLASS_WEIGHTS]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    ordered = _topologically_sorted([*graph.node, *nodes], available)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model
 
 
 def per_layer_outputs(model: onnx.ModelProto, names: list[str], num_layers: int) -> tuple[onnx.ModelProto, dict[str, list[str] | None]]:

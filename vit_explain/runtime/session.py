@@ -27,7 +27,14 @@ from ..metadata import (
     MetadataError,
     ModelMetadata,
 )
-from .graph_variants import FUSED_OUTPUT, forward_only, fused_maps, gradients_inlined, per_layer_outputs
+from .graph_variants import (
+    FUSED_OUTPUT,
+    forward_only,
+    fused_maps,
+    gradients_inlined,
+    per_layer_outputs,
+    top1_class_weights,
+)
 
 __all__ = ["DEVICES", "GraphOutputs", "LayerOutputs", "ModelSession", "forward_only", "resolve_providers"]
 
@@ -60,13 +67,14 @@ def resolve_providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
 
 
-def _fused_kind(method: str, head_fusion: str | None) -> tuple[str, str, str | None]:
+def _fused_kind(method: str, head_fusion: str | None, top1: bool = False) -> tuple[str, str, str | None, bool]:
     """The session key of a fused graph; GAE has no head-fusion choice, so one graph serves any."""
-    return ("fused", method, None if method == "gae" else head_fusion)
+    return ("fused", method, None if method == "gae" else head_fusion, bool(top1 and method != "rollout"))
 
 
-#: ``"full"`` (the file as it is), ``"forward"`` or ``("fused", method, head fusion)``.
-SessionKind = str | tuple[str, str, str | None]
+#: ``"full"`` (the file as it is), ``"forward"``, ``"gradients"``, ``"gradients_top1"`` or
+#: ``("fused", method, head fusion, top1)``.
+SessionKind = str | tuple[str, str, str | None, bool]
 
 
 @dataclass(frozen=True)
@@ -164,10 +172,13 @@ class ModelSession:
             if key not in self._sessions:
                 if kind == "full":
                     source: str | bytes = str(self.path)
-                elif kind in ("forward", "gradients"):
+                elif kind in ("forward", "gradients", "gradients_top1"):
                     source = self._layered_graph(kind)
                 else:
-                    source = fused_maps(self._load_proto(), kind[1], kind[2]).SerializeToString()
+                    fused = fused_maps(self._load_proto(), kind[1], kind[2])
+                    if kind[3]:
+                        fused = top1_class_weights(fused, self.metadata.output_kind)
+                    source = fused.SerializeToString()
                 try:
                     session = ort.InferenceSession(source, self._options(single_thread), providers=self.providers)
                 except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types here
@@ -190,6 +201,8 @@ class ModelSession:
             model, stacked = forward_only(model), [OUTPUT_ATTENTIONS]
         else:
             model, stacked = gradients_inlined(model), [OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
+            if kind == "gradients_top1":
+                model = top1_class_weights(model, self.metadata.output_kind)
         model, layers = per_layer_outputs(model, stacked, self.metadata.num_layers)
         self._layer_names[kind] = layers
         return model.SerializeToString()
@@ -209,38 +222,55 @@ class ModelSession:
         return self.providers[0] != _CPU
 
     def prepare(
-        self, method: str | None = None, head_fusion: str | None = None, fused: bool = False, single_thread: bool = False
+        self,
+        method: str | None = None,
+        head_fusion: str | None = None,
+        fused: bool = False,
+        single_thread: bool = False,
+        top1: bool = False,
     ) -> None:
         """Create now the session a later call will use (they are otherwise made on first use):
         ``method=None`` the forward-only one, ``rollout``/``attention`` without ``fused`` too,
-        ``grad_rollout``/``gae`` without ``fused`` the full one, with ``fused`` that method's."""
+        ``grad_rollout``/``gae`` without ``fused`` the gradient one, with ``fused`` that method's;
+        ``top1``: the one that picks the class to explain itself."""
         if fused:
-            self._session(_fused_kind(method, head_fusion), single_thread)
+            self._session(_fused_kind(method, head_fusion, top1), single_thread)
         elif method in ("grad_rollout", "gae"):
-            self._session("gradients", single_thread)
+            self._session("gradients_top1" if top1 else "gradients", single_thread)
         else:
             self._session("forward", single_thread)
 
     def run_layers(
-        self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
+        self,
+        pixel_values: np.ndarray,
+        class_weights: np.ndarray | None = None,
+        single_thread: bool = False,
+        top1: bool = False,
     ) -> LayerOutputs:
         """One graph call: forward only, or forward + attention gradients when ``class_weights``
-        is given; every layer's map as its own array, as the graph computed it (no stacking)."""
+        is given (or, with ``top1``, for each image's own top-1 class or output direction, see
+        :func:`.graph_variants.top1_class_weights`); every layer's map as its own array, as the
+        graph computed it (no stacking)."""
         feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
         kind = "forward"
-        if class_weights is not None:
+        if top1:
+            if class_weights is not None:
+                raise ValueError("give class weights or top1, not both")
+            kind = "gradients_top1"
+        elif class_weights is not None:
             feeds[INPUT_CLASS_WEIGHTS] = np.ascontiguousarray(class_weights, dtype=np.float32)
             kind = "gradients"
         session = self._session(kind, single_thread)
         layers = self._layer_names[kind]
-        groups = [OUTPUT_ATTENTIONS] + ([OUTPUT_GRADIENTS] if class_weights is not None else [])
+        with_gradients = kind != "forward"
+        groups = [OUTPUT_ATTENTIONS] + ([OUTPUT_GRADIENTS] if with_gradients else [])
         names = [OUTPUT_LOGITS]
         for group in groups:
             names.extend(layers[group] or [group])
         values = iter(self._run(session, feeds, names))
         logits = next(values)
         per_group = [[next(values) for _ in layers[group]] if layers[group] else list(next(values)) for group in groups]
-        return LayerOutputs(logits, per_group[0], per_group[1] if class_weights is not None else None)
+        return LayerOutputs(logits, per_group[0], per_group[1] if with_gradients else None)
 
     def run(
         self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
@@ -257,13 +287,18 @@ class ModelSession:
         head_fusion: str | None,
         class_weights: np.ndarray | None = None,
         single_thread: bool = False,
+        top1: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and the per-layer head-fused maps ``[L, B, N, N]`` that ``method`` reads
         (:func:`.graph_variants.fused_maps`): ``heads`` times less data out of the graph than
-        :meth:`run`. ``class_weights`` for ``grad_rollout`` and ``gae``."""
-        session = self._session(_fused_kind(method, head_fusion), single_thread)
+        :meth:`run`. ``class_weights`` (or ``top1``, as in :meth:`run_layers`) for
+        ``grad_rollout`` and ``gae``."""
+        top1 = top1 and method != "rollout"
+        if top1 and class_weights is not None:
+            raise ValueError("give class weights or top1, not both")
+        session = self._session(_fused_kind(method, head_fusion, top1), single_thread)
         feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
-        if method != "rollout":
+        if method != "rollout" and not top1:
             if class_weights is None:
                 raise ValueError(f"{method} needs class weights")
             feeds[INPUT_CLASS_WEIGHTS] = np.ascontiguousarray(class_weights, dtype=np.float32)
