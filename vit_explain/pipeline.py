@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,18 +126,29 @@ def explain_images(
         else:
             pending.append((item, files))
 
-    for batch in _batches(pending, batch_size):
-        loaded: list[tuple[InputImage, dict[str, Path], Image.Image]] = []
-        for item, files in batch:
-            try:
-                loaded.append((item, files, load_image(item.path)))
-            except ImageError as exc:
-                yield ImageOutcome(item, "failed", str(exc))
-        if loaded:
-            yield from _explain_batch(explainer, loaded, settings)
+    # Decoding photos and encoding their full-size overlay PNGs take far longer than the graph
+    # (about 50 ms and 300 ms for a 4-megapixel photo, against ~20 ms of graph per image), and
+    # Pillow releases the GIL in both: a pool as wide as the explainer's spreads them over the cores.
+    with ThreadPoolExecutor(max(1, explainer.workers), thread_name_prefix="vit-explain-files") as pool:
+        for batch in _batches(pending, batch_size):
+            loaded: list[tuple[InputImage, dict[str, Path], Image.Image]] = []
+            for (item, files), image in zip(batch, pool.map(_load_or_error, [item for item, _ in batch])):
+                if isinstance(image, ImageError):
+                    yield ImageOutcome(item, "failed", str(image))
+                else:
+                    loaded.append((item, files, image))
+            if loaded:
+                yield from _explain_batch(explainer, loaded, settings, pool)
 
 
-def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings) -> Iterator[ImageOutcome]:
+def _load_or_error(item: InputImage) -> Image.Image | ImageError:
+    try:
+        return load_image(item.path)
+    except ImageError as exc:
+        return exc
+
+
+def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings, pool: ThreadPoolExecutor) -> Iterator[ImageOutcome]:
     images = [image for _, _, image in loaded]
     pixels = explainer.preprocess(images)
     per_category = []
@@ -147,11 +159,15 @@ def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings) -> I
         )
         per_category.append((category, result))
     top5 = per_category[0][1].top_k(5)
-    for index, (item, files, image) in enumerate(loaded):
+
+    def write(index: int) -> ImageOutcome:
+        item, files, image = loaded[index]
         try:
-            yield _write_outputs(item, files, image, index, per_category, top5[index], explainer, settings)
+            return _write_outputs(item, files, image, index, per_category, top5[index], explainer, settings)
         except OSError as exc:
-            yield ImageOutcome(item, "failed", f"cannot write outputs for {item.path}: {exc}")
+            return ImageOutcome(item, "failed", f"cannot write outputs for {item.path}: {exc}")
+
+    yield from pool.map(write, range(len(loaded)))
 
 
 def _write_outputs(item, files, image, index, per_category, top5, explainer, settings) -> ImageOutcome:

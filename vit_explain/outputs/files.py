@@ -121,11 +121,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def save_png(path: PathLike, image: Image.Image) -> None:
     """Save ``image`` as PNG atomically (the format is PNG whatever the suffix).
 
-    zlib level 3 instead of Pillow's 6: on large photos encoding dominated the run
-    (about 90% of a 1600x1200 batch) and level 3 is ~2.5x faster for slightly larger files.
+    zlib level 1 instead of Pillow's 6: on large photos encoding dominates the run. For a
+    4-megapixel overlay level 1 took 305 ms against 478 ms at level 3 (and ~1.2 s at 6), for a
+    file 5% larger than level 3's.
     """
     with atomic_writer(path, "wb") as f:
-        image.save(f, format="PNG", compress_level=3)
+        image.save(f, format="PNG", compress_level=1)
 
 
 def save_npy(path: PathLike, array: np.ndarray) -> None:
