@@ -151,9 +151,9 @@ class Explainer:
         to mask: decoding, a single-threaded graph call and the maths. One graph call that
         splits each operator over the cores leaves them idle at every operator's end (the
         small element-wise operators of the backward pass hardly split at all); whole images
-        per core do not, and the decoding and maths of one part overlap the graph call of the
-        other. Parts hold at most ``graph_batch / threads`` images, so no more than
-        ``graph_batch`` are in flight at once. A single image uses every thread in one call.
+        per core do not, and no stage waits for the others' slowest image. Parts hold at most
+        ``graph_batch / threads`` images, so no more than ``graph_batch`` are in flight at
+        once. A single image uses every thread in one call.
 
         ``fuse_in_graph`` (default: on CUDA only): fuse the heads inside the graph
         (:meth:`ModelSession.run_fused`), so ``heads`` times less data leaves the GPU and the
@@ -308,7 +308,7 @@ class Explainer:
         """Exactly the graph calls :meth:`explain` makes for these images, and nothing else.
 
         For the benchmark's "graph call alone": the same parts, threads and sessions, on pixels
-        preprocessed beforehand and with the class weights given (no top-1 forward pass)."""
+        preprocessed beforehand and with the class weights given."""
         fused = self.fuse_in_graph and method in FUSED_METHODS
 
         def call(chunk: slice, single_thread: bool) -> None:
