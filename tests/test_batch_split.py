@@ -63,6 +63,14 @@ def test_one_image_uses_every_thread_in_one_call(deit, image_files):
     assert {single for _, single in explainer.session._sessions} == {False}
 
 
+def test_fewer_images_than_threads_run_in_one_call(deit, image_files):
+    """Parts of one image each would leave cores idle that one call over every thread uses."""
+    explainer = Explainer(deit.path, device="cpu", threads=4)
+    explainer.explain(image_files[:3])
+    assert {single for _, single in explainer.session._sessions} == {False}
+    assert "1 graph call(s)" in explainer.describe_calls(3) and "4 parts of 1" in explainer.describe_calls(4)
+
+
 def test_parts_keep_the_input_order(deit, image_files):
     explainer = Explainer(deit.path, device="cpu", threads=2, graph_batch=2)  # parts of one image
     together = explainer.explain(image_files, method="rollout").masks

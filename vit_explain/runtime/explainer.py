@@ -146,14 +146,15 @@ class Explainer:
         11 MB per image for DeiT-tiny, twice that with gradients) while CPU throughput stops
         growing near 8, so chunks bound the peak memory at no cost in speed.
 
-        On a CPU, a batch of two or more images is split into parts explained side by side, one
-        per thread of the pool (as many as ``threads``), each part on one core from image file
-        to mask: decoding, a single-threaded graph call and the maths. One graph call that
+        On a CPU, a batch of at least one image per thread (``threads``, default every core) is
+        split into parts explained side by side, one per thread of the pool, each part on one
+        core from image file to mask: decoding, a single-threaded graph call and the maths. One graph call that
         splits each operator over the cores leaves them idle at every operator's end (the
         small element-wise operators of the backward pass hardly split at all); whole images
         per core do not, and no stage waits for the others' slowest image. Parts hold at most
-        ``graph_batch / threads`` images, so no more than ``graph_batch`` are in flight at
-        once. A single image uses every thread in one call.
+        ``graph_batch / threads`` images (and at least one), so no more than ``graph_batch``
+        (or ``threads``, if more) are in flight at once. Fewer images than threads, a single
+        one included, run in one call over every thread.
 
         ``fuse_in_graph`` (default: on CUDA only): fuse the heads inside the graph
         (:meth:`ModelSession.run_fused`), so ``heads`` times less data leaves the GPU and the
@@ -262,7 +263,7 @@ class Explainer:
         categories = self._categories(category_index, batch)
         settings = (method, head_fusion, discard_ratio, start_layer)
 
-        if self._splits_batches and batch > 1:
+        if self._splits(batch):
             parts = self._parts(batch)
             results = list(self._pool.map(lambda part: self._explain_part(inputs, part, categories, settings), parts))
         else:
@@ -278,10 +279,11 @@ class Explainer:
         )
 
     # -- how a batch is cut ---------------------------------------------------------------
-    @property
-    def _splits_batches(self) -> bool:
-        """Whether batches run as parts side by side, each on one core (CPU, two threads or more)."""
-        return self._pool is not None and not self.session.uses_cuda
+    def _splits(self, batch: int) -> bool:
+        """Whether ``batch`` images run as parts side by side, each on one core: on a CPU with
+        two threads or more, when there is at least one image per thread (with fewer, parts
+        would leave cores idle that one call over every thread uses)."""
+        return self._pool is not None and not self.session.uses_cuda and batch >= self.workers
 
     def _parts(self, batch: int) -> list[slice]:
         """Consecutive parts of about ``batch / workers`` images, ``graph_batch / workers`` at most."""
@@ -290,7 +292,7 @@ class Explainer:
 
     def describe_calls(self, batch: int) -> str:
         """How ``batch`` images are run, in words (for benchmark notes and logs)."""
-        if self._splits_batches and batch > 1:
+        if self._splits(batch):
             sizes = sorted({p.stop - p.start for p in self._parts(batch)}, reverse=True)
             return (
                 f"{len(self._parts(batch))} parts of {'/'.join(map(str, sizes))} images, side by side on "
@@ -318,7 +320,7 @@ class Explainer:
             else:
                 self.session.run_layers(pixels[chunk], weights, single_thread)
 
-        if self._splits_batches and len(pixels) > 1:
+        if self._splits(len(pixels)):
             list(self._pool.map(lambda part: call(part, True), self._parts(len(pixels))))
         else:
             for chunk in _chunks(len(pixels), self.graph_batch):
@@ -328,7 +330,7 @@ class Explainer:
         """Create now the sessions :meth:`explain` will use for ``batch`` images (else made on
         first use); ``top1``: for a class-specific method called without a category."""
         fused = self.fuse_in_graph and method in FUSED_METHODS
-        single_thread = self._splits_batches and batch > 1
+        single_thread = self._splits(batch)
         self.session.prepare(method, head_fusion, fused=fused, single_thread=single_thread, top1=top1)
 
     def _explain_chunk(self, pixels, categories, method, head_fusion, discard_ratio, start_layer, single_thread=False):
