@@ -304,3 +304,20 @@ def test_graph_batch_defaults_by_device_and_refuses_zero(deit):
     assert Explainer(deit.path, device="cpu").graph_batch == 8
     with pytest.raises(ValueError, match="graph_batch must be at least 1"):
         Explainer(deit.path, device="cpu", graph_batch=0)
+
+
+def test_io_binding_path_returns_what_run_returns(deit, monkeypatch):
+    """The CUDA path binds every output by name (one per layer, and the top-1 graphs have no class
+    weights input); run on the CPU provider here, it must return exactly what ``session.run`` does."""
+    session = ModelSession(deit.path, device="cpu")
+    pixels, weights = _inputs(deit.metadata, batch=2)
+    expected = [session.run_layers(pixels, weights), session.run_layers(pixels, top1=True)]
+    expected_fused = session.run_fused(pixels, "grad_rollout", "mean", top1=True)
+    monkeypatch.setattr(session, "_run", session._run_bound)
+    got = [session.run_layers(pixels, weights), session.run_layers(pixels, top1=True)]
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a.logits, b.logits)
+        for x, y in zip(a.attentions + a.gradients, b.attentions + b.gradients):
+            np.testing.assert_array_equal(x, y)
+    for x, y in zip(session.run_fused(pixels, "grad_rollout", "mean", top1=True), expected_fused):
+        np.testing.assert_array_equal(x, y)
