@@ -158,7 +158,7 @@ class ModelSession:
         return options
 
     def _session(self, kind: SessionKind, single_thread: bool = False) -> ort.InferenceSession:
-        """The session for ``kind``: ``"full"`` (the file), ``"forward"`` or ``("fused", method, fusion)``.
+        """The session for ``kind`` (see :data:`SessionKind`), made from the file on first use.
 
         ``single_thread``: a session that runs each call on the calling thread alone. Several
         such calls at once, each on part of a batch, keep the cores busier than one call that
