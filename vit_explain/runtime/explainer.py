@@ -293,9 +293,10 @@ class Explainer:
     def describe_calls(self, batch: int) -> str:
         """How ``batch`` images are run, in words (for benchmark notes and logs)."""
         if self._splits(batch):
-            sizes = sorted({p.stop - p.start for p in self._parts(batch)}, reverse=True)
+            parts = self._parts(batch)
+            sizes = sorted({p.stop - p.start for p in parts}, reverse=True)
             return (
-                f"{len(self._parts(batch))} parts of {'/'.join(map(str, sizes))} images, side by side on "
+                f"{len(parts)} parts of {'/'.join(map(str, sizes))} images, side by side on "
                 f"{self.workers} threads, one graph call per part on one thread each"
             )
         chunks = _chunks(batch, self.graph_batch)

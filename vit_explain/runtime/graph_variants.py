@@ -204,7 +204,7 @@ def per_layer_outputs(model: onnx.ModelProto, names: list[str], num_layers: int)
     """The stacked outputs ``names`` (``[L, B, ...]``) replaced by one output per layer (in place).
 
     The exporter stacks the per-layer tensors with a ``Concat`` along the first axis and a
-    ``Reshape`` to ``[L, B, ...]``: two copies of every attention (and gradient) map, about 4%
+    ``Reshape`` to ``[L, B, ...]``: two copies of every attention (and gradient) map, about 2%
     of a gradient call, and the numpy maths then reads the stack one layer at a time anyway.
     Here the ``Concat``'s inputs themselves become the graph's outputs, so onnxruntime returns
     the very tensors it computed. Returns the graph (pruned to logits and those outputs) and,
