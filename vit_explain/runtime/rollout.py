@@ -116,7 +116,7 @@ def kth_smallest(flat: np.ndarray, index: int) -> np.ndarray:
     step = n // _SAMPLE_SIZE
     if step < 4:  # short rows: a sample would save little
         for item, row in enumerate(flat):
-            result[item, 0] = _select(row, index) if not np.isnan(row).any() else np.partition(row, index)[index]
+            result[item, 0] = _select_in_row(row, index)
         return result
     sample = np.sort(flat[:, ::step], axis=1)  # NaN sorts last here too
     size = sample.shape[1]
@@ -136,11 +136,14 @@ def kth_smallest(flat: np.ndarray, index: int) -> np.ndarray:
             else:
                 inside = row[(row >= lo[item]) & (row <= hi[item])]
                 result[item, 0] = _select(inside, index - first)
-        elif np.isnan(row).any():
-            result[item, 0] = np.partition(row, index)[index]
         else:
-            result[item, 0] = _select(row, index)
+            result[item, 0] = _select_in_row(row, index)
     return result
+
+
+def _select_in_row(row: np.ndarray, index: int):
+    """A whole row's value at sorted position ``index`` (NaN last, as ``np.partition``)."""
+    return np.partition(row, index)[index] if np.isnan(row).any() else _select(row, index)
 
 
 def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
