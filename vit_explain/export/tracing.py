@@ -5,7 +5,8 @@ backward pass is traced first: ``make_fx`` with the core ATen decompositions rec
 and the ``torch.autograd.grad`` call as one plain graph of ATen ops with a symbolic batch size,
 and that graph is what ``torch.onnx.export(dynamo=True)`` translates. The attention
 probabilities are captured by the reference's :class:`AttentionRecorder` hooks, so the graph
-and the eager reference tap the very same tensors.
+and the eager reference tap the very same tensors. The last block is traced on the tokens the
+head reads only (:mod:`.last_block`), which changes no output.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..metadata import (
     OUTPUT_LOGITS,
 )
 from ..reference import AttentionRecorder
+from .last_block import head_tokens_only
 
 __all__ = ["DEFAULT_OPSET", "trace_explain_graph", "export_onnx"]
 
@@ -58,7 +60,7 @@ def trace_explain_graph(model: nn.Module, example_pixels: torch.Tensor, num_outp
     from torch.fx.experimental.proxy_tensor import make_fx
 
     example_weights = torch.zeros(example_pixels.shape[0], num_outputs)
-    with AttentionRecorder(model) as recorder:
+    with AttentionRecorder(model) as recorder, head_tokens_only(model):
         explain = _explain_function(model, recorder)
         return make_fx(
             explain,

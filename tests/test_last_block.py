@@ -1,0 +1,111 @@
+"""The export's last-block rewrite (:mod:`vit_explain.export.last_block`): which models it applies
+to, that it changes no output of the eager model, that it reaches the traced graph, and that it
+leaves the model as it found it. The exported graphs' parity with the unmodified eager model, for
+every family, is tested in ``test_parity.py``."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from conftest import FAMILIES  # noqa: E402
+
+from vit_explain.export.last_block import head_tokens_only, tokens_read_by_head  # noqa: E402
+from vit_explain.export.tracing import trace_explain_graph  # noqa: E402
+from vit_explain.export.verify import relative_error  # noqa: E402
+from vit_explain.reference import AttentionRecorder  # noqa: E402
+
+#: Leading tokens the head reads: the class token, the distillation token too, the registers with
+#: the class token (kept: they are prefix tokens); None where the model is traced unchanged
+#: (average pooling, or a model class other than timm's VisionTransformer).
+EXPECTED_KEEP = {
+    "deit": 1,
+    "deit-seed1": 1,
+    "deit-distilled": 2,
+    "dinov2-reg4": 5,
+    "vit-gap": None,
+    "beit": None,
+    "eva02": None,
+}
+
+
+def test_every_family_is_listed():
+    assert set(EXPECTED_KEEP) == set(FAMILIES)
+
+
+def _pixels(model, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    size = model.patch_embed.img_size
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits_and_attentions(model, pixels, weights):
+    """Logits, attentions and attention gradients of the eager model, as the export computes them."""
+    with AttentionRecorder(model) as recorder:
+        recorder.reset()
+        with torch.enable_grad():
+            logits = model(pixels.clone().requires_grad_(True))
+            attentions = list(recorder.attentions)
+            gradients = torch.autograd.grad((logits * weights).sum(), attentions)
+    return logits.detach(), [a.detach() for a in attentions], list(gradients)
+
+
+def test_tokens_read_by_head(family_key):
+    assert tokens_read_by_head(FAMILIES[family_key].build()) == EXPECTED_KEEP[family_key]
+
+
+@pytest.mark.parametrize("key", ["deit", "deit-distilled", "dinov2-reg4"])
+def test_rewrite_changes_no_output_and_is_undone(key):
+    model = FAMILIES[key].build()
+    keep = EXPECTED_KEEP[key]
+    last = model.blocks[-1]
+    pixels = _pixels(model)
+    weights = torch.randn(2, model.num_classes or model.num_features, generator=torch.Generator().manual_seed(1))
+    before = _logits_and_attentions(model, pixels, weights)
+
+    seen: list[tuple[int, ...]] = []
+    hook = last.mlp.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
+    try:
+        with head_tokens_only(model) as rewritten:
+            assert rewritten
+            during = _logits_and_attentions(model, pixels, weights)
+    finally:
+        hook.remove()
+    assert seen == [(2, keep, model.embed_dim)]  # the MLP ran on the head's tokens only
+    assert "forward" not in vars(last)  # timm's own forward again
+    after = _logits_and_attentions(model, pixels, weights)
+
+    tokens = before[1][-1].shape[-1]
+    # The last MLP's products run on `keep` rows instead of N, so float32 sums may round apart:
+    # errors relative to each tensor's peak, at float32 noise (the export's check allows 1e-4).
+    for other in (during, after):
+        assert relative_error(other[0].numpy(), before[0].numpy()) < 2e-6
+        for layer in range(len(model.blocks)):
+            assert other[1][layer].shape[-2:] == (tokens, tokens)  # full maps, every layer
+            assert relative_error(other[1][layer].numpy(), before[1][layer].numpy()) < 2e-6
+            assert relative_error(other[2][layer].numpy(), before[2][layer].numpy()) < 2e-6
+    # The last layer's gradient has no other rows than the head's tokens' in either form.
+    assert torch.count_nonzero(before[2][-1][:, :, keep:]) == 0
+    assert torch.count_nonzero(during[2][-1][:, :, keep:]) == 0
+
+
+@pytest.mark.parametrize("key", ["vit-gap", "eva02"])
+def test_other_models_are_traced_unchanged(key):
+    model = FAMILIES[key].build()
+    with head_tokens_only(model) as rewritten:
+        assert not rewritten
+        assert "forward" not in vars(model.blocks[-1])
+
+
+def test_traced_graph_runs_the_last_mlp_on_the_class_token_only():
+    """The rewrite reaches the graph that is exported: the last GELU sees ``[B, 1, hidden]``."""
+    model = FAMILIES["deit-seed1"].build()
+    graph = trace_explain_graph(model, _pixels(model), model.num_classes)
+    gelus = [node for node in graph.graph.nodes if node.op == "call_function" and "gelu" in str(node.target)]
+    forward_gelus = [node for node in gelus if "backward" not in str(node.target)]
+    shapes = [tuple(node.meta["val"].shape[1:]) for node in forward_gelus]
+    hidden = model.blocks[0].mlp.fc1.out_features
+    tokens = 1 + model.patch_embed.num_patches
+    assert shapes == [(tokens, hidden)] * (len(model.blocks) - 1) + [(1, hidden)]
+    assert "forward" not in vars(model.blocks[-1])
