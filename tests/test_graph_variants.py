@@ -36,7 +36,7 @@ from vit_explain.runtime.graph_variants import (
     gradients_inlined,
     per_layer_outputs,
 )
-from vit_explain.runtime.rollout import _weighted_head_mean, fuse_heads, kth_smallest
+from vit_explain.runtime.rollout import _select_narrowed, _weighted_head_mean, fuse_heads, kth_smallest
 from vit_explain.runtime.session import ModelSession
 
 HEAD_FUSIONS = ["mean", "max", "min"]
@@ -264,6 +264,27 @@ def test_kth_smallest_on_map_sized_rows(kind):
     for index in (0, 7, n // 2, int(n * 0.9) - 1, n - 3, n - 1):
         expected = np.partition(values, index, axis=1)[:, index : index + 1]
         np.testing.assert_array_equal(kth_smallest(values, index), expected)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "all_equal", "unlucky_sample", "sample_all_low", "short"])
+def test_second_bracket_selects_exactly(kind):
+    """The bracket inside a bracket (:func:`_select_narrowed`, for the few thousand entries a first
+    bracket keeps): exact on plain data, on ties, and where its own sample misses the rank."""
+    rng = np.random.default_rng(11)
+    values = rng.random(5000)
+    step = values.size // 256
+    if kind == "ties":
+        values = np.round(values, 2)
+    elif kind == "all_equal":
+        values[:] = 0.25
+    elif kind == "unlucky_sample":
+        values[::step] = 2.0
+    elif kind == "sample_all_low":
+        values[::step] = -1.0
+    elif kind == "short":
+        values = values[:1000]  # below the narrowing size: selected directly
+    for rank in (0, 1, values.size // 3, values.size // 2, values.size - 2, values.size - 1):
+        assert _select_narrowed(values, rank) == np.partition(values, rank)[rank]
 
 
 def test_weighted_head_mean_equals_numpy_mean_of_the_products():
