@@ -65,14 +65,17 @@ def test_rewrite_changes_no_output_and_is_undone(key):
     before = _logits_and_attentions(model, pixels, weights)
 
     seen: list[tuple[int, ...]] = []
-    hook = last.mlp.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
+    record = lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape))  # noqa: E731
+    hooks = [last.attn.proj.register_forward_hook(record), last.mlp.register_forward_hook(record)]
     try:
         with head_tokens_only(model) as rewritten:
             assert rewritten
             during = _logits_and_attentions(model, pixels, weights)
     finally:
-        hook.remove()
-    assert seen == [(2, keep, model.embed_dim)]  # the MLP ran on the head's tokens only
+        for hook in hooks:
+            hook.remove()
+    # The attention's output projection and the MLP ran on the head's tokens only.
+    assert seen == [(2, keep, model.embed_dim)] * 2
     assert "forward" not in vars(last)  # timm's own forward again
     after = _logits_and_attentions(model, pixels, weights)
 

@@ -1,22 +1,25 @@
-"""Run the last block's MLP only on the tokens the head reads, in the exported graph.
+"""Run the last block on the tokens the head reads only, in the exported graph.
 
 A ViT or DeiT that pools its class token (``global_pool="token"``) reads nothing of the last
-block's output but the class (and distillation) token. The last block's attention must still be
-computed for every token, since its full map is one of the graph's outputs, and the keys and
-values of every token feed the class token's row. But the second half of the block (norm, MLP,
-residual) works token by token, so for the other ``N - 1`` tokens it feeds nothing: on DeiT-tiny
-that is 1/12 of the MLP work, forward and backward, about 4% of a gradient call.
+block's output but the class (and distillation) token. The last block's attention probabilities
+must still be computed for every query, since its full map is one of the graph's outputs, and
+the keys and values of every token feed the class token's row. But the rest of the block works
+token by token (or, for the attention's weighted sum, query by query), so for the other
+``N - 1`` tokens it feeds nothing: on DeiT-tiny that is 1/12 of the MLP, output projection and
+``A @ V`` work, forward and backward, about 5% of a gradient call.
 
-Inside :func:`head_tokens_only`, the last block computes its attention exactly as timm does and
-then keeps the prefix tokens alone for the rest of the block; the final norm and the head then
-see ``[B, num_prefix_tokens, D]`` instead of ``[B, N, D]``, and read the same rows as before. The
-outputs are the same numbers: the logits come from the same rows, every attention map is the
-full map, and the last layer's attention gradient is the same (its rows for the other tokens
-were exactly zero before, as they are now). The export's parity check compares the graph with
-the unmodified eager model, so a mismatch would stop the export.
+Inside :func:`head_tokens_only`, the last block computes the attention map exactly as timm does,
+then takes only the prefix tokens' rows of it into ``A @ V``, and keeps the prefix tokens alone
+for the rest of the block; the final norm and the head then see ``[B, num_prefix_tokens, D]``
+instead of ``[B, N, D]``, and read the same rows as before. The outputs are the same numbers: the
+logits come from the same rows, every attention map is the full map, and the last layer's
+attention gradient is the same (its rows for the other tokens were exactly zero before, as they
+are now). The export's parity check compares the graph with the unmodified eager model, so a
+mismatch would stop the export.
 
 Only timm's own ``VisionTransformer`` (DeiT and DeiT-distilled included) with timm's plain
-``Block`` as its last block is rewritten; every other model is traced as it is.
+``Block`` as its last block is rewritten, and its attention only when it is timm's plain
+``Attention``; every other model is traced as it is.
 """
 
 from __future__ import annotations
@@ -49,13 +52,43 @@ def tokens_read_by_head(model: nn.Module) -> int | None:
     return keep if keep >= 1 else None
 
 
+def _plain_attention(attention: nn.Module) -> bool:
+    """timm's ``Attention`` itself, whose unfused forward :func:`_attend_for_prefix` follows."""
+    from timm.layers.attention import Attention
+
+    return type(attention) is Attention and "forward" not in vars(attention)
+
+
+def _attend_for_prefix(attention: nn.Module, x: torch.Tensor, keep: int) -> torch.Tensor:
+    """timm ``Attention.forward`` (unfused, no mask) for the first ``keep`` queries: the whole
+    probability map is computed and passes ``attn_drop`` (where the recorder taps it), then only
+    its first ``keep`` rows weight the values. Returns ``[B, keep, dim]``."""
+    batch, tokens, _ = x.shape
+    gate = attention.gate(x[:, :keep]).sigmoid() if attention.gate is not None else None
+    qkv = attention.qkv(x).reshape(batch, tokens, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attention.q_norm(q), attention.k_norm(k)
+    q = q * attention.scale
+    probabilities = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+    probabilities = attention.attn_drop(probabilities)
+    out = probabilities[:, :, :keep] @ v
+    out = attention.norm(out.transpose(1, 2).reshape(batch, keep, attention.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attention.proj_drop(attention.proj(out))
+
+
 def _forward_on_prefix(block: nn.Module, keep: int):
-    """timm's ``Block.forward``, with the residual stream cut to the first ``keep`` tokens after
-    the attention (which still sees, and maps, every token)."""
+    """timm's ``Block.forward``, with the residual stream cut to the first ``keep`` tokens from
+    the attention's weighted sum on (the attention map still covers every token)."""
+    plain = _plain_attention(block.attn)
 
     def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        attended = block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        x = x[:, :keep] + block.drop_path1(block.ls1(attended[:, :keep]))
+        if plain and attn_mask is None and not is_causal:
+            attended = _attend_for_prefix(block.attn, block.norm1(x), keep)
+        else:
+            attended = block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)[:, :keep]
+        x = x[:, :keep] + block.drop_path1(block.ls1(attended))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     return forward
