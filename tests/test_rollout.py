@@ -250,6 +250,41 @@ def test_discard_acts_on_every_image_of_the_batch():
     np.testing.assert_array_equal(out[1], [[0.9, 0.6], [0.0, 0.7]])
 
 
+@pytest.mark.parametrize("size", [4, 60])  # a whole-row selection, and a sampled bracket (3600 entries)
+def test_discard_with_ties_at_the_cut_drops_exactly_the_count(size):
+    """Photos with flat regions give exactly equal attention values. When the cut falls inside a
+    run of equal entries, exactly ``int(N*N*ratio)`` entries go: everything below the cut, then
+    tied entries in row order; everything above the cut, and flat index 0, stays."""
+    rng = np.random.default_rng(4)
+    fused = rng.choice(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32), size=(3, size, size))
+    fused[:, 0, 0] = 0.05  # the class token's self-attention: among the lowest, always spared
+    flat = fused.reshape(3, -1)
+    ratio = 0.5
+    count = int(flat.shape[1] * ratio)
+    out = discard_lowest(fused.copy(), ratio).reshape(3, -1)
+    split_runs = 0
+    for item in range(3):
+        cut = np.sort(flat[item])[count - 1]
+        dropped = out[item] != flat[item]
+        assert np.count_nonzero(dropped) == count - 1  # flat index 0 was among the lowest: spared
+        assert not dropped[0] and out[item, 0] == flat[item, 0]
+        assert np.all(dropped[flat[item] < cut][1:])  # all below the cut go, but flat index 0
+        assert not np.any(dropped[flat[item] > cut])
+        tied = np.flatnonzero(flat[item] == cut)
+        gone = np.flatnonzero(dropped & (flat[item] == cut))
+        np.testing.assert_array_equal(gone, tied[: gone.size])  # the first tied ones, in row order
+        assert 0 < gone.size <= tied.size
+        split_runs += gone.size < tied.size
+    assert split_runs > 0  # the cut fell inside a run of ties at least once
+
+
+def test_discard_with_ties_keeps_nan_entries_last():
+    """NaN sorts last (as in ``np.partition``): never among the lowest entries while numbers remain."""
+    fused = np.array([[[0.5, np.nan, 0.2], [0.2, 0.2, 0.9], [np.nan, 0.2, 0.7]]])
+    out = discard_lowest(fused.copy(), 0.3).reshape(-1)  # int(9 * 0.3) = 2 of the four 0.2 go
+    np.testing.assert_array_equal(out, [0.5, np.nan, 0.0, 0.0, 0.2, 0.9, np.nan, 0.2, 0.7])
+
+
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
 def test_discard_ratio_outside_zero_one_is_refused(ratio):
     with pytest.raises(ValueError, match="discard ratio"):

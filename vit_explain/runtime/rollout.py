@@ -181,8 +181,10 @@ def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
     As the original tool: the lowest ``count`` entries are chosen first, and the class token's
     attention to itself is then left alone if it is among them. The cut (the ``count``-th
     smallest value, :func:`kth_smallest`) is applied with a comparison, which is a few
-    times faster than gathering and scattering ``count`` indices; rows where several entries tie
-    at the cut fall back to ``argpartition``, which then picks among the tied ones.
+    times faster than gathering and scattering ``count`` indices. In a row where several entries
+    tie at the cut (common in photos: patches of flat sky or wall have identical keys, hence
+    identical attention), as many of the tied entries as the count needs are dropped, the first
+    ones in row order; which of equal entries go is arbitrary (torch's ``topk`` picks its own).
     """
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard ratio must be in [0, 1), not {discard_ratio}")
@@ -199,8 +201,14 @@ def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
     kept = np.array([np.count_nonzero(row) for row in keep])  # row by row: see kth_smallest
     tied = np.flatnonzero((kept != flat.shape[1] - count) & (cut[:, 0] != 0))
     for item in tied:  # several entries equal to the cut: drop exactly ``count`` of them
-        keep[item] = True
-        keep[item, np.argpartition(flat[item], count - 1)[:count]] = False
+        row, value = flat[item], cut[item, 0]
+        if value != value:  # a NaN cut: fewer numbers than entries to drop (NaN sorts last)
+            keep[item] = True
+            keep[item, np.argpartition(row, count - 1)[:count]] = False
+            continue
+        np.logical_not(row < value, out=keep[item])  # keeps the ties, and NaN (sorted last)
+        below = flat.shape[1] - np.count_nonzero(keep[item])
+        keep[item, np.flatnonzero(row == value)[: count - below]] = False
     keep[:, 0] = True  # never the class token's own attention
     np.multiply(flat, keep, out=flat)  # a multiply by 0/1 is much faster than a masked store
     return fused
