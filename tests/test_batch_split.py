@@ -71,6 +71,16 @@ def test_fewer_images_than_threads_run_in_one_call(deit, image_files):
     assert "1 graph call(s)" in explainer.describe_calls(3) and "4 parts of 1" in explainer.describe_calls(4)
 
 
+def test_parts_hold_at_most_two_images(deit):
+    """PART_IMAGES: 8 images on 2 threads run as 4 parts of 2 (not 2 of 4), 32 as 16 of 2; a small
+    graph_batch still bounds the images in flight."""
+    explainer = Explainer(deit.path, device="cpu", threads=2)
+    assert "4 parts of 2 images" in explainer.describe_calls(8)
+    assert "16 parts of 2 images" in explainer.describe_calls(32)
+    assert "3 parts of 2/1 images" in explainer.describe_calls(5)
+    assert "8 parts of 1 images" in Explainer(deit.path, device="cpu", threads=2, graph_batch=2).describe_calls(8)
+
+
 def test_parts_keep_the_input_order(deit, image_files):
     explainer = Explainer(deit.path, device="cpu", threads=2, graph_batch=2)  # parts of one image
     together = explainer.explain(image_files, method="rollout").masks
