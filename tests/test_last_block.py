@@ -12,6 +12,7 @@ timm = pytest.importorskip("timm")
 
 from conftest import FAMILIES  # noqa: E402
 
+from vit_explain.export import last_block  # noqa: E402
 from vit_explain.export.last_block import head_tokens_only, tokens_read_by_head  # noqa: E402
 from vit_explain.export.tracing import trace_explain_graph  # noqa: E402
 from vit_explain.export.verify import relative_error  # noqa: E402
@@ -68,7 +69,8 @@ def test_rewrite_changes_no_output_and_is_undone(key):
     record = lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape))  # noqa: E731
     hooks = [last.attn.proj.register_forward_hook(record), last.mlp.register_forward_hook(record)]
     try:
-        with head_tokens_only(model) as rewritten:
+        with head_tokens_only(model, pixels) as rewritten:
+            seen.clear()  # the attention replica's check ran the block on every token
             assert rewritten
             during = _logits_and_attentions(model, pixels, weights)
     finally:
@@ -96,7 +98,7 @@ def test_rewrite_changes_no_output_and_is_undone(key):
 @pytest.mark.parametrize("key", ["vit-gap", "eva02"])
 def test_other_models_are_traced_unchanged(key):
     model = FAMILIES[key].build()
-    with head_tokens_only(model) as rewritten:
+    with head_tokens_only(model, _pixels(model)) as rewritten:
         assert not rewritten
         assert "forward" not in vars(model.blocks[-1])
 
@@ -111,4 +113,35 @@ def test_traced_graph_runs_the_last_mlp_on_the_class_token_only():
     hidden = model.blocks[0].mlp.fc1.out_features
     tokens = 1 + model.patch_embed.num_patches
     assert shapes == [(tokens, hidden)] * (len(model.blocks) - 1) + [(1, hidden)]
+    # ... and the last attention weights the values for the class token's query only.
+    head_dim = model.blocks[-1].attn.head_dim
+    products = [tuple(node.meta["val"].shape[-2:]) for node in graph.graph.nodes if "bmm" in str(node.target)]
+    assert (1, head_dim) in products and (tokens, head_dim) in products
     assert "forward" not in vars(model.blocks[-1])
+
+
+def test_an_attention_replica_that_disagrees_with_timm_is_not_used(monkeypatch):
+    """Another timm version may compute attention differently from the replica: then only the MLP
+    half is cut to the head's tokens, timm's own attention runs, and the outputs stay the same."""
+    model = FAMILIES["deit"].build()
+    replica = last_block._attend_for_prefix
+    monkeypatch.setattr(last_block, "_attend_for_prefix", lambda *args: 1.5 * replica(*args))
+    pixels = _pixels(model)
+    weights = torch.randn(2, model.num_classes, generator=torch.Generator().manual_seed(1))
+    before = _logits_and_attentions(model, pixels, weights)
+    seen: list[tuple[int, ...]] = []
+    record = lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape))  # noqa: E731
+    hooks = [model.blocks[-1].attn.proj.register_forward_hook(record), model.blocks[-1].mlp.register_forward_hook(record)]
+    try:
+        with head_tokens_only(model, pixels) as rewritten:
+            seen.clear()  # the replica check itself ran the attention on every token
+            assert rewritten
+            during = _logits_and_attentions(model, pixels, weights)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tokens = 1 + model.patch_embed.num_patches
+    assert seen == [(2, tokens, model.embed_dim), (2, 1, model.embed_dim)]  # timm's attention, MLP on 1 token
+    assert relative_error(during[0].numpy(), before[0].numpy()) < 2e-6
+    for layer in range(len(model.blocks)):
+        assert relative_error(during[2][layer].numpy(), before[2][layer].numpy()) < 2e-6

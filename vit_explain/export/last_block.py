@@ -54,7 +54,7 @@ def tokens_read_by_head(model: nn.Module) -> int | None:
 
 def _plain_attention(attention: nn.Module) -> bool:
     """timm's ``Attention`` itself, whose unfused forward :func:`_attend_for_prefix` follows."""
-    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Attention  # defined there before timm moved it to layers
 
     return type(attention) is Attention and "forward" not in vars(attention)
 
@@ -62,32 +62,65 @@ def _plain_attention(attention: nn.Module) -> bool:
 def _attend_for_prefix(attention: nn.Module, x: torch.Tensor, keep: int) -> torch.Tensor:
     """timm ``Attention.forward`` (unfused, no mask) for the first ``keep`` queries: the whole
     probability map is computed and passes ``attn_drop`` (where the recorder taps it), then only
-    its first ``keep`` rows weight the values. Returns ``[B, keep, dim]``."""
+    its first ``keep`` rows weight the values. Returns ``[B, keep, dim]``. Attributes that only
+    some timm versions have (the output gate, the scale norm) are used when present."""
     batch, tokens, _ = x.shape
-    gate = attention.gate(x[:, :keep]).sigmoid() if attention.gate is not None else None
-    qkv = attention.qkv(x).reshape(batch, tokens, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+    heads, head_dim = attention.num_heads, attention.head_dim
+    gate_layer = getattr(attention, "gate", None)
+    gate = gate_layer(x[:, :keep]).sigmoid() if gate_layer is not None else None
+    qkv = attention.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attention.q_norm(q), attention.k_norm(k)
     q = q * attention.scale
     probabilities = (q @ k.transpose(-2, -1)).softmax(dim=-1)
     probabilities = attention.attn_drop(probabilities)
-    out = probabilities[:, :, :keep] @ v
-    out = attention.norm(out.transpose(1, 2).reshape(batch, keep, attention.attn_dim))
+    out = (probabilities[:, :, :keep] @ v).transpose(1, 2).reshape(batch, keep, heads * head_dim)
+    norm = getattr(attention, "norm", None)
+    if norm is not None:
+        out = norm(out)
     if gate is not None:
         out = out * gate
     return attention.proj_drop(attention.proj(out))
 
 
-def _forward_on_prefix(block: nn.Module, keep: int):
-    """timm's ``Block.forward``, with the residual stream cut to the first ``keep`` tokens from
-    the attention's weighted sum on (the attention map still covers every token)."""
-    plain = _plain_attention(block.attn)
+def _attention_replica_agrees(model: nn.Module, example_pixels: torch.Tensor, keep: int) -> bool:
+    """Whether :func:`_attend_for_prefix` gives what timm's own attention module gives for the
+    head's tokens, on the last block's real input for one example image.
 
-    def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if plain and attn_mask is None and not is_causal:
-            attended = _attend_for_prefix(block.attn, block.norm1(x), keep)
-        else:
-            attended = block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)[:, :keep]
+    The replica follows timm's code, which may change in another timm version; if it no longer
+    agrees, only the MLP half of the block is cut to the head's tokens (which calls timm's
+    attention as it is), rather than the export failing its parity check."""
+    block = model.blocks[-1]
+    captured: list[torch.Tensor] = []
+    hook = block.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0]))
+    try:
+        with torch.no_grad():
+            model(example_pixels[:1])
+            x = block.norm1(captured[0])
+            expected = block.attn(x)[:, :keep]
+            replica = _attend_for_prefix(block.attn, x, keep)
+    except Exception:  # noqa: BLE001 - an attribute or shape this timm version does not have
+        return False
+    finally:
+        hook.remove()
+    if replica.shape != expected.shape:
+        return False
+    scale = float(expected.abs().max())
+    return float((replica - expected).abs().max()) <= 1e-4 * max(scale, 1e-12)
+
+
+def _forward_on_prefix(block: nn.Module, keep: int, replicate_attention: bool):
+    """timm's ``Block.forward``, with the residual stream cut to the first ``keep`` tokens after
+    the attention, or from its weighted sum on with ``replicate_attention`` (the attention map
+    still covers every token either way). A mask or causal attention, which the export never
+    passes, runs timm's own block and slices its output."""
+    original = block.forward
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if any(value is not None and value is not False for value in (*args, *kwargs.values())):
+            return original(x, *args, **kwargs)[:, :keep]
+        y = block.norm1(x)
+        attended = _attend_for_prefix(block.attn, y, keep) if replicate_attention else block.attn(y)[:, :keep]
         x = x[:, :keep] + block.drop_path1(block.ls1(attended))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
@@ -95,15 +128,17 @@ def _forward_on_prefix(block: nn.Module, keep: int):
 
 
 @contextlib.contextmanager
-def head_tokens_only(model: nn.Module) -> Iterator[bool]:
+def head_tokens_only(model: nn.Module, example_pixels: torch.Tensor) -> Iterator[bool]:
     """While active, the model's last block continues only the tokens its head reads (see the
-    module docstring). Yields whether the model was rewritten; restores it on exit."""
+    module docstring). ``example_pixels``: an input to check the attention replica on. Yields
+    whether the model was rewritten; restores it on exit."""
     keep = tokens_read_by_head(model)
     if keep is None:
         yield False
         return
     block = model.blocks[-1]
-    block.forward = _forward_on_prefix(block, keep)
+    replicate = _plain_attention(block.attn) and _attention_replica_agrees(model, example_pixels, keep)
+    block.forward = _forward_on_prefix(block, keep, replicate)
     try:
         yield True
     finally:

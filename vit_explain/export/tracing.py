@@ -60,7 +60,7 @@ def trace_explain_graph(model: nn.Module, example_pixels: torch.Tensor, num_outp
     from torch.fx.experimental.proxy_tensor import make_fx
 
     example_weights = torch.zeros(example_pixels.shape[0], num_outputs)
-    with AttentionRecorder(model) as recorder, head_tokens_only(model):
+    with AttentionRecorder(model) as recorder, head_tokens_only(model, example_pixels):
         explain = _explain_function(model, recorder)
         return make_fx(
             explain,
