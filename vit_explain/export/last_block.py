@@ -18,8 +18,10 @@ are now). The export's parity check compares the graph with the unmodified eager
 mismatch would stop the export.
 
 Only timm's own ``VisionTransformer`` (DeiT and DeiT-distilled included) with timm's plain
-``Block`` as its last block is rewritten, and its attention only when it is timm's plain
-``Attention``; every other model is traced as it is.
+``Block`` as its last block is rewritten; every other model is traced as it is. The attention's
+query-row cut re-states timm's ``Attention`` code, so it is used only for that exact class, and only
+after it has reproduced timm's own attention on the example input (another timm version may have
+changed it); otherwise only the MLP half of the block is cut.
 """
 
 from __future__ import annotations
