@@ -232,9 +232,9 @@ def _weighted_head_mean(attention: np.ndarray, gradient: np.ndarray, clamp_heads
 
     The same numbers as ``np.multiply(A, G, dtype=float64).mean(axis=1)`` (the products of two
     float32 are exact in float64; numpy sums a non-inner axis one slice after another, then
-    divides), about a quarter faster on maps fresh from the graph: a mixed-type multiply runs
-    through numpy's buffered casting loop, while a plain conversion followed by in-place float64
-    arithmetic streams through memory.
+    divides). Converting all heads at once and multiplying in place was about a quarter faster on
+    maps fresh from the graph (12 layers of 4 images: 8.9 -> 6.4 ms) than one product, temporary
+    and sum per head.
     """
     product = attention.astype(np.float64)
     np.multiply(product, gradient, out=product)
