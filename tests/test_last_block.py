@@ -145,3 +145,16 @@ def test_an_attention_replica_that_disagrees_with_timm_is_not_used(monkeypatch):
     assert relative_error(during[0].numpy(), before[0].numpy()) < 2e-6
     for layer in range(len(model.blocks)):
         assert relative_error(during[2][layer].numpy(), before[2][layer].numpy()) < 2e-6
+
+
+def test_a_subclass_of_timms_vision_transformer_is_traced_unchanged():
+    """A subclass may read other tokens in its own head: only timm's own classes are rewritten."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    class ReadsEveryToken(VisionTransformer):
+        def forward_head(self, x, pre_logits: bool = False):
+            return self.head(x.mean(dim=1))
+
+    model = ReadsEveryToken(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=2, num_classes=3).eval()
+    assert tokens_read_by_head(model) is None
+    assert tokens_read_by_head(VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=2)) == 1

@@ -11,17 +11,17 @@ token by token (or, for the attention's weighted sum, query by query), so for th
 Inside :func:`head_tokens_only`, the last block computes the attention map exactly as timm does,
 then takes only the prefix tokens' rows of it into ``A @ V``, and keeps the prefix tokens alone
 for the rest of the block; the final norm and the head then see ``[B, num_prefix_tokens, D]``
-instead of ``[B, N, D]``, and read the same rows as before. The outputs are the same numbers: the
-logits come from the same rows, every attention map is the full map, and the last layer's
-attention gradient is the same (its rows for the other tokens were exactly zero before, as they
-are now). The export's parity check compares the graph with the unmodified eager model, so a
+instead of ``[B, N, D]``, and read the same rows as before. The outputs are the same values, to
+float32 rounding (a product over fewer rows may sum in another order): the logits come from the
+same rows, every attention map is the full map, and the last layer's attention gradient is the
+same (its rows for the other tokens were exactly zero before, as they are now). The export's parity check compares the graph with the unmodified eager model, so a
 mismatch would stop the export.
 
-Only timm's own ``VisionTransformer`` (DeiT and DeiT-distilled included) with timm's plain
-``Block`` as its last block is rewritten; every other model is traced as it is. The attention's
-query-row cut re-states timm's ``Attention`` code, so it is used only for that exact class, and only
-after it has reproduced timm's own attention on the example input (another timm version may have
-changed it); otherwise only the MLP half of the block is cut.
+Only timm's own ``VisionTransformer`` and ``VisionTransformerDistilled`` classes (ViT, DeiT,
+DINOv2, ...) with timm's plain ``Block`` as their last block are rewritten; every other model is
+traced as it is. The attention's query-row cut re-states timm's ``Attention`` code, so it is used
+only for that exact class, and only after it has reproduced timm's own attention on the example
+input (another timm version may have changed it); otherwise only the MLP half of the block is cut.
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ __all__ = ["tokens_read_by_head", "head_tokens_only"]
 def tokens_read_by_head(model: nn.Module) -> int | None:
     """How many leading tokens of the last block's output the head reads, or ``None`` when the
     model is not one this rewrite knows to be safe (then it reads them all, as far as we know)."""
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import Block, VisionTransformer
 
-    if not isinstance(model, VisionTransformer) or getattr(model, "attn_pool", None) is not None:
+    # Exactly these classes: a subclass could read other tokens in its own head.
+    if type(model) not in (VisionTransformer, VisionTransformerDistilled):
+        return None
+    if getattr(model, "attn_pool", None) is not None:
         return None
     if getattr(model, "global_pool", None) != "token" or getattr(model, "cls_token", None) is None:
         return None
