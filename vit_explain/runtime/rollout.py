@@ -230,18 +230,22 @@ def _weighted_head_mean(attention: np.ndarray, gradient: np.ndarray, clamp_heads
     """``mean over heads of A * G`` (each head's product clamped at 0 first if ``clamp_heads``),
     ``[B, heads, N, N]`` float32 -> ``[B, N, N]`` float64.
 
-    The same numbers as ``np.multiply(A, G, dtype=float64).mean(axis=1)`` (the products of two
-    float32 are exact in float64; numpy sums a non-inner axis one slice after another, then
-    divides). Converting all heads at once and multiplying in place was about a quarter faster on
-    maps fresh from the graph (12 layers of 4 images: 8.9 -> 6.4 ms) than one product, temporary
-    and sum per head.
+    The products of two float32 are exact in float64, so this is ``np.multiply(A, G,
+    dtype=float64).mean(axis=1)`` up to the order of the sum over the heads. Both maps are
+    converted whole (numpy's mixed-type multiply runs through a slow buffered casting loop) and
+    then multiplied and summed over the heads in one ``einsum`` pass, or, with the clamp, in place
+    and then summed. 12 layers of 4 images fresh from the graph: 8.9 ms one head at a time, 7.3 ms
+    with one conversion and a mixed multiply, 6.1 ms like this.
     """
+    heads = attention.shape[1]
     product = attention.astype(np.float64)
-    np.multiply(product, gradient, out=product)
     if clamp_heads:
+        np.multiply(product, gradient, out=product)
         np.maximum(product, 0.0, out=product)
-    total = product.sum(axis=1)
-    total /= attention.shape[1]
+        total = product.sum(axis=1)
+    else:
+        total = np.einsum("bhij,bhij->bij", product, gradient.astype(np.float64))
+    total /= heads
     return total
 
 
