@@ -14,8 +14,9 @@ for the rest of the block; the final norm and the head then see ``[B, num_prefix
 instead of ``[B, N, D]``, and read the same rows as before. The outputs are the same values, to
 float32 rounding (a product over fewer rows may sum in another order): the logits come from the
 same rows, every attention map is the full map, and the last layer's attention gradient is the
-same (its rows for the other tokens were exactly zero before, as they are now). The export's parity check compares the graph with the unmodified eager model, so a
-mismatch would stop the export.
+same (its rows for the other tokens were exactly zero before, as they are now). The export's
+parity check compares the graph with the unmodified eager model, so a mismatch would stop the
+export.
 
 Only timm's own ``VisionTransformer`` and ``VisionTransformerDistilled`` classes (ViT, DeiT,
 DINOv2, ...) with timm's plain ``Block`` as their last block are rewritten; every other model is
