@@ -36,7 +36,13 @@ from vit_explain.runtime.graph_variants import (
     gradients_inlined,
     per_layer_outputs,
 )
-from vit_explain.runtime.rollout import _select_narrowed, _weighted_head_mean, fuse_heads, kth_smallest
+from vit_explain.runtime.rollout import (
+    _SAMPLE_SIZES,
+    _select_bracketed,
+    _weighted_head_mean,
+    fuse_heads,
+    kth_smallest,
+)
 from vit_explain.runtime.session import ModelSession
 
 HEAD_FUSIONS = ["mean", "max", "min"]
@@ -268,11 +274,13 @@ def test_kth_smallest_on_map_sized_rows(kind):
 
 @pytest.mark.parametrize("kind", ["uniform", "ties", "all_equal", "unlucky_sample", "sample_all_low", "short"])
 def test_second_bracket_selects_exactly(kind):
-    """The bracket inside a bracket (:func:`_select_narrowed`, for the few thousand entries a first
-    bracket keeps): exact on plain data, on ties, and where its own sample misses the rank."""
+    """The bracket inside a bracket (:func:`_select_bracketed` with the inner sample size, for the
+    few thousand entries a first bracket keeps): exact on plain data, on ties, and where its own
+    sample misses the rank."""
     rng = np.random.default_rng(11)
     values = rng.random(5000)
-    step = values.size // 256
+    inner = _SAMPLE_SIZES[1:]
+    step = values.size // inner[0]
     if kind == "ties":
         values = np.round(values, 2)
     elif kind == "all_equal":
@@ -284,7 +292,7 @@ def test_second_bracket_selects_exactly(kind):
     elif kind == "short":
         values = values[:1000]  # below the narrowing size: selected directly
     for rank in (0, 1, values.size // 3, values.size // 2, values.size - 2, values.size - 1):
-        assert _select_narrowed(values, rank) == np.partition(values, rank)[rank]
+        assert _select_bracketed(values, rank, inner) == np.partition(values, rank)[rank]
 
 
 def test_weighted_head_mean_equals_numpy_mean_of_the_products():

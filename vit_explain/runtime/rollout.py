@@ -80,12 +80,10 @@ def fuse_heads(attention: np.ndarray, head_fusion: str) -> np.ndarray:
         raise ValueError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, not {head_fusion!r}") from None
 
 
-#: About this many entries per row are sorted to bracket the wanted rank (see :func:`kth_smallest`).
-_SAMPLE_SIZE = 1024
-#: Inside a bracket, a second, smaller sample narrows it again when more than this many entries
-#: are left: numpy's partition costs ~10 ns an entry, a sort of a few hundred and two counts less.
-_NARROW_ABOVE = 1536
-_INNER_SAMPLE_SIZE = 256
+#: Strided samples of about this many entries are sorted to bracket the wanted rank, first in the
+#: whole row, then among the few thousand entries the first bracket keeps (numpy's partition costs
+#: ~10 ns an entry, a sort of a few hundred and two counts less); see :func:`_select_bracketed`.
+_SAMPLE_SIZES = (1024, 384)
 
 
 def _select(values: np.ndarray, rank: int):
@@ -113,61 +111,43 @@ def _bracket(size: int, index: int, n: int) -> tuple[int, int]:
     return int(centre - margin), int(math.ceil(centre + margin))
 
 
-def _select_narrowed(values: np.ndarray, rank: int):
-    """:func:`_select` for a 1-D array without NaN, bracketed once more by a strided sample when
-    it is long (the entries a first bracket kept). Exact: a missed bracket selects in full."""
-    size = values.size
-    if size <= _NARROW_ABOVE:
-        return _select(values, rank)
-    sample = np.sort(values[:: size // _INNER_SAMPLE_SIZE])
-    lo_at, hi_at = _bracket(sample.size, rank, size)
+def _select_bracketed(values: np.ndarray, rank: int, sample_sizes: tuple[int, ...] = _SAMPLE_SIZES):
+    """``np.partition(values, rank)[rank]`` for a 1-D array (NaN sorted last), selecting among
+    few entries: a strided sample of about ``sample_sizes[0]`` entries is sorted to give a
+    bracket ``[lo, hi]`` around the wanted rank; two counts say whether the rank really lies in it
+    (it does unless the sample is very unlucky), and then only the few percent of entries inside
+    it are selected from, bracketed again by the next sample size. A bracket that misses selects
+    among all the entries, so the result is exact whatever the data."""
+    step = values.size // sample_sizes[0] if sample_sizes else 0
+    if step < 4:  # short (or no bracket left): a sample would save little
+        return _select_in_row(values, rank)
+    sample = np.sort(values[::step])  # NaN sorts last here too
+    lo_at, hi_at = _bracket(sample.size, rank, values.size)
     lo = sample[lo_at] if lo_at > 0 else -np.inf
     hi = sample[hi_at] if hi_at < sample.size - 1 else np.inf
-    below = np.count_nonzero(values < lo)
-    if below <= rank < np.count_nonzero(values <= hi):
-        if lo == hi:
-            return values.dtype.type(lo)
-        return _select(np.compress((values >= lo) & (values <= hi), values), rank - below)
-    return _select(values, rank)
+    below = values < lo  # ranks of the bracket: count(below) .. count(upto) - 1
+    upto = values <= hi  # (NaN is in neither)
+    first = np.count_nonzero(below)
+    if not first <= rank < np.count_nonzero(upto):
+        return _select_in_row(values, rank)
+    if lo == hi:  # every entry in the bracket is equal (runs of zeros)
+        return lo
+    # lo <= x <= hi in one pass over the two masks; np.compress: boolean indexing, a third faster.
+    inside = np.compress(np.greater(upto, below), values)
+    return _select_bracketed(inside, rank - first, sample_sizes[1:])
 
 
 def kth_smallest(flat: np.ndarray, index: int) -> np.ndarray:
     """Per row of ``flat`` ``[B, n]``, the value at sorted position ``index``: ``[B, 1]``.
 
     The same values as ``np.partition(flat, index, axis=1)[:, index:index + 1]`` (NaN sorted
-    last), about three times as fast on attention maps. A full partition of every row was most
-    of the rollout maths: it moves all ``n`` entries several times to find one value. Here a
-    strided sample of about 1000 entries per row is sorted to give a bracket ``[lo, hi]`` around
-    the wanted rank; two vectorised comparisons say whether the rank really lies in it (it does
-    unless the sample is very unlucky), and then only the few percent of entries inside the
-    bracket are selected from, after a second, smaller bracket (:func:`_select_narrowed`). A row
-    where the bracket misses is selected in full, so the result is exact whatever the data.
+    last), about three times as fast on attention maps (:func:`_select_bracketed`). A full
+    partition of every row was most of the rollout maths: it moves all ``n`` entries several
+    times to find one value.
     """
-    batch, n = flat.shape
-    result = np.empty((batch, 1), dtype=flat.dtype)
-    step = n // _SAMPLE_SIZE
-    if step < 4:  # short rows: a sample would save little
-        for item, row in enumerate(flat):
-            result[item, 0] = _select_in_row(row, index)
-        return result
-    sample = np.sort(flat[:, ::step], axis=1)  # NaN sorts last here too
-    lo_at, hi_at = _bracket(sample.shape[1], index, n)
-    lo = sample[:, lo_at] if lo_at > 0 else np.full(batch, -np.inf, dtype=flat.dtype)
-    hi = sample[:, hi_at] if hi_at < sample.shape[1] - 1 else np.full(batch, np.inf, dtype=flat.dtype)
-    below = flat < lo[:, None]  # ranks of the bracket: count(below) .. count(upto) - 1
-    upto = flat <= hi[:, None]  # (NaN is in neither)
-    inside = np.greater(upto, below)  # lo <= x <= hi, in one pass over the two masks
-    # Entries are picked with np.compress: the same as boolean indexing, about a third faster.
+    result = np.empty((flat.shape[0], 1), dtype=flat.dtype)
     for item, row in enumerate(flat):
-        # Counted row by row: count_nonzero over a whole row is several times faster than with axis=1.
-        first = np.count_nonzero(below[item])
-        if first <= index < np.count_nonzero(upto[item]):
-            if lo[item] == hi[item]:  # every entry in the bracket is equal (runs of zeros)
-                result[item, 0] = lo[item]
-            else:
-                result[item, 0] = _select_narrowed(np.compress(inside[item], row), index - first)
-        else:
-            result[item, 0] = _select_in_row(row, index)
+        result[item, 0] = _select_bracketed(row, index)
     return result
 
 
