@@ -320,14 +320,10 @@ class Explainer:
 
         For the benchmark's "graph call alone": the same parts, threads and sessions, on pixels
         preprocessed beforehand and with the class weights given."""
-        fused = self.fuse_in_graph and method in FUSED_METHODS
 
         def call(chunk: slice, single_thread: bool) -> None:
             weights = None if class_weights is None else class_weights[chunk]
-            if fused:
-                self.session.run_fused(pixels[chunk], method, head_fusion, weights, single_thread)
-            else:
-                self.session.run_layers(pixels[chunk], weights, single_thread)
+            self._call_graph(pixels[chunk], method, head_fusion, weights, single_thread)
 
         if self._splits(len(pixels)):
             list(self._pool.map(lambda part: call(part, True), self._parts(len(pixels))))
@@ -338,19 +334,29 @@ class Explainer:
     def prepare(self, method: str, head_fusion: str | None, batch: int, top1: bool = False) -> None:
         """Create now the sessions :meth:`explain` will use for ``batch`` images (else made on
         first use); ``top1``: for a class-specific method called without a category."""
-        fused = self.fuse_in_graph and method in FUSED_METHODS
-        single_thread = self._splits(batch)
-        self.session.prepare(method, head_fusion, fused=fused, single_thread=single_thread, top1=top1)
+        self.session.prepare(
+            method, head_fusion, fused=self._fuses_in_graph(method), single_thread=self._splits(batch), top1=top1
+        )
+
+    def _fuses_in_graph(self, method: str) -> bool:
+        return self.fuse_in_graph and method in FUSED_METHODS
+
+    def _call_graph(self, pixels, method, head_fusion, weights, single_thread, top1=False):
+        """The one graph call for a chunk or part: ``(logits, fused maps)`` from the fused graph
+        when the heads are fused in it, else the raw per-layer outputs (:class:`LayerOutputs`)."""
+        if self._fuses_in_graph(method):
+            return self.session.run_fused(pixels, method, head_fusion, weights, single_thread, top1)
+        return self.session.run_layers(pixels, weights, single_thread, top1)
 
     def _explain_chunk(self, pixels, categories, method, head_fusion, discard_ratio, start_layer, single_thread=False):
         # Without a category, the graph explains each image's top-1 output itself, in one call.
         top1 = method in CLASS_SPECIFIC_METHODS and categories is None
         weights = self._class_weights(categories) if method in CLASS_SPECIFIC_METHODS and not top1 else None
-        if self.fuse_in_graph and method in FUSED_METHODS:
-            logits, fused = self.session.run_fused(pixels, method, head_fusion, weights, single_thread, top1)
+        outputs = self._call_graph(pixels, method, head_fusion, weights, single_thread, top1)
+        if self._fuses_in_graph(method):
+            logits, fused = outputs
             masks_for = self._fused_masks(fused, method, discard_ratio, start_layer)
         else:
-            outputs = self.session.run_layers(pixels, weights, single_thread, top1)
             logits = outputs.logits
             masks_for = self._raw_masks(outputs, method, head_fusion, discard_ratio, start_layer)
         if top1 and self.metadata.output_kind == "logits":
