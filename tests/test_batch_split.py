@@ -72,13 +72,38 @@ def test_fewer_images_than_threads_run_in_one_call(deit, image_files):
 
 
 def test_parts_hold_at_most_two_images(deit):
-    """PART_IMAGES: 8 images on 2 threads run as 4 parts of 2 (not 2 of 4), 32 as 16 of 2; a small
-    graph_batch still bounds the images in flight."""
+    """PART_IMAGES: 8 images on 2 threads run as parts of 2 (not 2 of 4), the first and last of 1;
+    a small graph_batch still bounds the images in flight."""
     explainer = Explainer(deit.path, device="cpu", threads=2)
-    assert "4 parts of 2 images" in explainer.describe_calls(8)
-    assert "16 parts of 2 images" in explainer.describe_calls(32)
+    assert "5 parts of 2/1 images" in explainer.describe_calls(8)
+    assert "17 parts of 2/1 images" in explainer.describe_calls(32)
     assert "3 parts of 2/1 images" in explainer.describe_calls(5)
     assert "8 parts of 1 images" in Explainer(deit.path, device="cpu", threads=2, graph_batch=2).describe_calls(8)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("batch", range(1, 40))
+def test_parts_cover_the_batch_in_order_with_a_short_first_part(deit, threads, batch):
+    """The first part holds half a part (so the threads' decoding and maths fall out of step),
+    the others a full part but the last; in order, every image once; and on a pool that hands
+    each free thread the next part, the busiest thread has no more images than with equal parts."""
+    explainer = Explainer(deit.path, device="cpu", threads=threads)
+    parts = explainer._parts(batch)
+    assert [i for part in parts for i in range(part.start, part.stop)] == list(range(batch))
+    sizes = [part.stop - part.start for part in parts]
+    size = max(sizes)
+    assert size <= 2 and min(sizes) >= 1
+    if batch > size > 1:
+        assert sizes[0] == size // 2 and set(sizes[1:-1]) <= {size}
+
+    def busiest(part_sizes):  # each part to the thread that frees up first (ties: lowest thread)
+        loads = [0] * threads
+        for part_size in part_sizes:
+            loads[loads.index(min(loads))] += part_size
+        return max(loads)
+
+    equal = [min(size, batch - start) for start in range(0, batch, size)]
+    assert busiest(sizes) <= busiest(equal)
 
 
 def test_parts_keep_the_input_order(deit, image_files):
