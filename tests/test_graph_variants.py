@@ -37,7 +37,6 @@ from vit_explain.runtime.graph_variants import (
     per_layer_outputs,
 )
 from vit_explain.runtime.rollout import (
-    _SAMPLE_SIZES,
     _select_bracketed,
     _weighted_head_mean,
     fuse_heads,
@@ -272,15 +271,18 @@ def test_kth_smallest_on_map_sized_rows(kind):
         np.testing.assert_array_equal(kth_smallest(values, index), expected)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "ties", "all_equal", "unlucky_sample", "sample_all_low", "short"])
-def test_second_bracket_selects_exactly(kind):
-    """The bracket inside a bracket (:func:`_select_bracketed` with the inner sample size, for the
-    few thousand entries a first bracket keeps): exact on plain data, on ties, and where its own
-    sample misses the rank."""
+@pytest.mark.parametrize("stop", [1, 4, 1000])
+@pytest.mark.parametrize(
+    "kind", ["uniform", "ties", "all_equal", "unlucky_sample", "sample_all_low", "nan_in_sample", "nan_off_sample", "short"]
+)
+def test_bisected_bracket_selects_exactly(kind, stop):
+    """:func:`_select_bracketed` with a small sample, bisected down to 1 or 4 sample positions
+    (or not at all): exact on plain data, on ties, where its sample misses the rank, with NaN in
+    or out of the sample (NaN sorts last), and on a row too short to sample."""
     rng = np.random.default_rng(11)
     values = rng.random(5000)
-    inner = _SAMPLE_SIZES[1:]
-    step = values.size // inner[0]
+    sample_size = 256
+    step = values.size // sample_size
     if kind == "ties":
         values = np.round(values, 2)
     elif kind == "all_equal":
@@ -289,10 +291,15 @@ def test_second_bracket_selects_exactly(kind):
         values[::step] = 2.0
     elif kind == "sample_all_low":
         values[::step] = -1.0
+    elif kind == "nan_in_sample":
+        values[::step * 7] = np.nan
+    elif kind == "nan_off_sample":
+        values[1::step * 7] = np.nan
     elif kind == "short":
-        values = values[:1000]  # below the narrowing size: selected directly
-    for rank in (0, 1, values.size // 3, values.size // 2, values.size - 2, values.size - 1):
-        assert _select_bracketed(values, rank, inner) == np.partition(values, rank)[rank]
+        values = values[: 3 * sample_size]  # fewer than 4 entries a sample step: selected directly
+    for rank in (0, 1, values.size // 3, values.size // 2, int(values.size * 0.9) - 1, values.size - 2, values.size - 1):
+        got = _select_bracketed(values, rank, sample_size, stop)
+        np.testing.assert_array_equal(got, np.partition(values, rank)[rank])
 
 
 def test_weighted_head_mean_equals_numpy_mean_of_the_products():
