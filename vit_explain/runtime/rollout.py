@@ -160,7 +160,7 @@ def kth_smallest(flat: np.ndarray, index: int) -> np.ndarray:
     """Per row of ``flat`` ``[B, n]``, the value at sorted position ``index``: ``[B, 1]``.
 
     The same values as ``np.partition(flat, index, axis=1)[:, index:index + 1]`` (NaN sorted
-    last), about three times as fast on attention maps (:func:`_select_bracketed`). A full
+    last), about four times as fast on attention maps (:func:`_select_bracketed`). A full
     partition of every row was most of the rollout maths: it moves all ``n`` entries several
     times to find one value.
     """
