@@ -306,9 +306,8 @@ class Explainer:
         8 images 290 vs 295 ms. The pool still ends balanced: the last part takes the rest."""
         size = max(1, min(PART_IMAGES, self.graph_batch // self.workers, math.ceil(batch / self.workers)))
         first = size // 2 if batch > size else 0
-        return ([slice(0, first)] if first else []) + [
-            slice(start + first, stop + first) for start, stop in ((c.start, c.stop) for c in _chunks(batch - first, size))
-        ]
+        rest = [slice(part.start + first, part.stop + first) for part in _chunks(batch - first, size)]
+        return ([slice(0, first)] if first else []) + rest
 
     def describe_calls(self, batch: int) -> str:
         """How ``batch`` images are run, in words (for benchmark notes and logs)."""
