@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vit_explain.benchmark import format_table, machine_info, run_benchmark  # noqa: E402
+from vit_explain.benchmark import PAUSE_S, format_table, machine_info, run_benchmark  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="rollout,grad_rollout")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--pause", type=float, default=PAUSE_S,
+        help=f"seconds between two pipelines' calls, so no thread pool still spins (default {PAUSE_S})",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--output", type=Path, default=None, help="results file (default benchmarks/results-<date>.md)")
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = run_benchmark(
             args.model, onnx_path, images, batch_sizes=batch_sizes, threads=args.threads,
-            repeats=args.repeats, methods=methods, device=args.device, warmup=args.warmup, log=log,
+            repeats=args.repeats, methods=methods, device=args.device, warmup=args.warmup, pause_s=args.pause, log=log,
         )
     finally:
         if temporary is not None:
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- versions: python {info['python']}, torch {info['torch']}, timm {info['timm']}, "
         f"onnxruntime {info['onnxruntime']}, numpy {info['numpy']}, Pillow {info['PIL']}",
         f"- platform: {info['platform']}",
+        f"- pause between two pipelines' calls: {args.pause:g} s (thread pools still spinning after a call "
+        "would slow the next process's)",
         f"- load average before / after: {info_before.get('load average', '?')} / {info.get('load average', '?')} "
         "(other processes on the machine inflate latencies; the pipelines run interleaved so they share it)",
         f"- benchmark wall time: {elapsed:.0f} s",

@@ -19,8 +19,9 @@ Fairness
     (``python -m vit_explain.benchmark --worker``), so each one's peak RSS is its own and the
     runtime processes never import torch. All workers load up front (in parallel); then the
     three of one case are driven in lockstep, round robin (one call each, rotating the order,
-    a short pause between calls so no thread pool is still spinning), so that load from
-    anything else on the machine drifts over all three alike. Thread counts are pinned in each
+    with a pause between calls, :data:`PAUSE_S`, so no thread pool is still spinning when the
+    next process starts), so that load from anything else on the machine drifts over all three
+    alike. Thread counts are pinned in each
     worker (``torch.set_num_threads``, onnxruntime ``intra_op_num_threads``, and the
     OpenMP/BLAS environment variables, which also bound numpy's matmul threads). Each call's
     process CPU time is recorded beside its latency: on a busy machine it is the steadier
@@ -52,12 +53,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PIPELINES", "BenchRow", "PipelineStats", "categories_for", "run_benchmark", "format_table"]
+__all__ = ["PIPELINES", "PAUSE_S", "BenchRow", "PipelineStats", "categories_for", "run_benchmark", "format_table"]
 
 PIPELINES = ("reference", "runtime", "graph")
 #: Same settings on both sides: the runtime's defaults (max fusion for rollout, mean for gradients).
 HEAD_FUSION = {"rollout": "max", "grad_rollout": "mean"}
 DISCARD_RATIO = 0.9
+#: Seconds between two pipelines' calls. onnxruntime's intra-op threads keep spinning for about
+#: 45 ms after a multi-threaded call returns (2-core AMD EPYC: 42 ms of CPU within 50 ms of the
+#: return, none after ~50 ms), PyTorch's OpenMP threads for about 8 ms. With the 20 ms pause
+#: used before, the next process shared a core with that spinning: at batch 1 the bare graph
+#: call took 33 ms median against 17 ms with a pause of 0.1 s or more, and the reference 120 ms
+#: against 77-85 ms.
+PAUSE_S = 0.1
 _MIB = 1024.0 * 1024.0
 
 
@@ -345,7 +353,7 @@ def run_benchmark(
     case_budget_s: float | None = 240.0,
     model_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
-    pause_s: float = 0.02,
+    pause_s: float = PAUSE_S,
     prestart: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> list[BenchRow]:
