@@ -16,6 +16,7 @@ from vit_explain.outputs.files import (
     atomic_write_bytes,
     atomic_writer,
     discover_images,
+    looks_like_image,
     output_stem,
     save_json,
     save_npy,
@@ -180,7 +181,7 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     _png(root / "a.png")
     _jpeg(root / "sub" / "deep" / "c.jpeg")
     _jpeg(root / "photo.dat")  # JPEG content, odd extension: found by content
-    _text(root / "notes.png")  # text with an image extension: skipped
+    _text(root / "notes.png")  # text with a photo's name: taken, so that loading it says what is wrong
     _text(root / "readme.txt")
     _jpeg(root / ".hidden.jpg")  # hidden files are skipped
     _jpeg(root / ".git" / "x.jpg")
@@ -188,8 +189,26 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+#: What discovery takes from ``tree``: a.png, b.jpg, notes.png (by name), photo.dat (by content), c.jpeg.
+TREE_IMAGES = 5
+
+
 def _rels(images: list[files.InputImage]) -> list[str]:
     return [str(i.rel) for i in images]
+
+
+def test_photo_names_are_taken_whatever_their_content(tmp_path: Path) -> None:
+    """A corrupt JPEG or a HEIC Pillow cannot read, among the photos, must fail loudly when it is
+    loaded, not vanish from the run: discovery takes it by its name."""
+    for name in ("broken.jpg", "IMG_0001.HEIC", "scan.TIFF", "x.avif"):
+        (tmp_path / name).write_bytes(b"\xff\xd8\xff\xe0 not really")
+        assert not sniff_image(tmp_path / name)
+        assert looks_like_image(tmp_path / name)
+    for name in ("notes.txt", "data.bin", "paper.pdf"):
+        _text(tmp_path / name)
+        assert not looks_like_image(tmp_path / name)
+    _jpeg(tmp_path / "photo.dat")
+    assert looks_like_image(tmp_path / "photo.dat")
 
 
 def test_sniff_image_by_content(tree: Path) -> None:
@@ -198,10 +217,12 @@ def test_sniff_image_by_content(tree: Path) -> None:
     assert not sniff_image(tree / "missing.png")
 
 
-def test_folder_is_walked_recursively_sorted_by_content(tree: Path) -> None:
+def test_folder_is_walked_recursively_sorted_by_name_or_content(tree: Path) -> None:
     images, problems = discover_images(["photos"])
     assert problems == []
-    assert _rels(images) == ["photos/a.png", "photos/b.jpg", "photos/photo.dat", "photos/sub/deep/c.jpeg"]
+    assert _rels(images) == [
+        "photos/a.png", "photos/b.jpg", "photos/notes.png", "photos/photo.dat", "photos/sub/deep/c.jpeg"
+    ]
     assert images[0].path == Path("photos/a.png")
     assert all(i.path.is_file() for i in images)
 
@@ -236,9 +257,9 @@ def test_glob_recursive_relative_to_non_magic_prefix(tree: Path) -> None:
     assert _rels(images) == ["b.jpg", "sub/deep/c.jpeg"]
 
 
-def test_glob_filters_by_content(tree: Path) -> None:
-    images, _ = discover_images(["photos/*.png"])
-    assert _rels(images) == ["a.png"]  # notes.png is text
+def test_glob_filters_by_name_or_content(tree: Path) -> None:
+    images, _ = discover_images(["photos/*"])
+    assert _rels(images) == ["a.png", "b.jpg", "notes.png", "photo.dat", "sub/deep/c.jpeg"]  # not readme.txt
 
 
 def test_glob_matching_nothing_is_a_problem(tree: Path) -> None:
@@ -268,7 +289,7 @@ def test_same_file_given_twice_is_deduplicated(tree: Path) -> None:
     paths = [i.path.resolve() for i in images]
     assert len(paths) == len(set(paths))
     assert paths.count((tree / "b.jpg").resolve()) == 1
-    assert len(images) == 4
+    assert len(images) == TREE_IMAGES
 
 
 def test_clashing_names_get_unique_rels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,7 +321,7 @@ def test_exclude_skips_output_folder(tree: Path) -> None:
     _png(tree / "out" / "a_png.overlay.png")
     images, _ = discover_images(["photos"], exclude=[tree / "out"])
     assert not any("out" in i.rel.parts for i in images)
-    assert len(images) == 4
+    assert len(images) == TREE_IMAGES
 
 
 def test_dot_folder_uses_its_real_name(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,7 +334,7 @@ def test_dot_folder_uses_its_real_name(tree: Path, monkeypatch: pytest.MonkeyPat
 def test_symlink_loop_does_not_hang(tree: Path) -> None:
     (tree / "sub" / "loop").symlink_to(tree, target_is_directory=True)
     images, _ = discover_images(["photos"])
-    assert len(images) == 4
+    assert len(images) == TREE_IMAGES
 
 
 # =========================================================================== output naming

@@ -119,6 +119,9 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
             formats, colormap, alpha, overwrite, report, device, threads, quiet) -> None:
     """Explain images: files, folders (recursive) or glob patterns.
 
+    In folders and patterns, files with a photo's extension or image content are taken; one that
+    cannot be read is reported with the reason, and the others go on.
+
     Writes, per image and map, an overlay PNG at the image's size, the raw mask (.npy, patch grid)
     and one JSON with the top-5 predictions and the settings used.
     """

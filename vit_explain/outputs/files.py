@@ -36,6 +36,8 @@ __all__ = [
     "discover_images",
     "output_stem",
     "sniff_image",
+    "looks_like_image",
+    "PHOTO_SUFFIXES",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -191,6 +193,22 @@ def sniff_image(path: Path) -> bool:
         return False
 
 
+#: Extensions that name a photo. A file found in a folder with one of these is taken even when
+#: Pillow does not recognise its content, so that a corrupt JPEG or an iPhone's HEIC among the
+#: photos is reported with the reason when it is loaded, not silently left out.
+PHOTO_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif",
+     ".jxl", ".jp2"}
+)
+
+
+def looks_like_image(path: Path) -> bool:
+    """A photo's name (:data:`PHOTO_SUFFIXES`), or content Pillow recognises (:func:`sniff_image`):
+    what folder and pattern discovery takes by default. ``photo.dat`` holding a JPEG is taken;
+    ``readme.txt`` is not; a ``broken.jpg`` is taken and then reported as failed."""
+    return path.suffix.lower() in PHOTO_SUFFIXES or sniff_image(path)
+
+
 def _walk_files(folder: Path) -> Iterator[Path]:
     """All files under ``folder``, recursively, in a deterministic sorted order.
 
@@ -306,14 +324,15 @@ def _add_input(col: _Collector, item: str) -> str | None:
 
 def discover_images(
     inputs: Sequence[str],
-    is_image: Callable[[Path], bool] = sniff_image,
+    is_image: Callable[[Path], bool] = looks_like_image,
     exclude: Iterable[PathLike] = (),
 ) -> tuple[list[InputImage], list[tuple[str, str]]]:
     """Expand files, folders (recursive) and glob patterns into a list of images.
 
     Files named explicitly are always included; files found in folders or by
-    patterns only when ``is_image`` says their *content* is an image (so
-    ``photo.dat`` holding a JPEG is found and ``notes.png`` holding text is not).
+    patterns only when ``is_image`` accepts them: by default a photo's extension or image
+    content (:func:`looks_like_image`: ``photo.dat`` holding a JPEG is found, ``readme.txt`` is
+    not, and a corrupt ``broken.jpg`` is found, so that loading it says what is wrong).
     An existing path is taken literally even if it contains ``*`` or ``[``.
     ``exclude`` lists folders to skip while walking (pass the output folder, so a
     second run does not explain the previous run's overlays).
