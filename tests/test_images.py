@@ -306,6 +306,29 @@ def test_not_an_image(tmp_path: Path, content: bytes) -> None:
     assert not is_image_file(path)
 
 
+def test_heic_without_its_plugin_says_which_plugin(tmp_path: Path) -> None:
+    path = tmp_path / "IMG_0001.HEIC"  # what an iPhone saves; Pillow alone cannot read it
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    error = _assert_image_error(path, match="pillow-heif")
+    assert "not an image, or a format Pillow cannot read" in str(error)
+    other = tmp_path / "fake.jpg"
+    other.write_bytes(b"hello world\n" * 20)
+    assert "pillow-heif" not in str(_assert_image_error(other))
+
+
+def test_installed_heif_plugin_is_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With pillow-heif installed, Pillow is told to open HEIC before the first image is loaded."""
+    import types
+
+    from vit_explain.runtime import images
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "pillow_heif", types.SimpleNamespace(register_heif_opener=lambda: calls.append(1)))
+    monkeypatch.setattr(images, "_formats", None)
+    assert images._allowed_formats()
+    assert calls == [1]
+
+
 def _noise(width: int, height: int) -> Image.Image:
     rng = np.random.default_rng(1)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -39,15 +39,24 @@ BACKGROUND = (255, 255, 255)
 _EXCLUDED_FORMATS = frozenset({"EPS"})
 _formats: tuple[str, ...] | None = None
 
+#: Formats phones and cameras write that Pillow reads only through a plugin: said in the error.
+#: With ``pillow-heif`` installed, :func:`_allowed_formats` registers it and such files load.
+_PLUGIN_HINTS = {
+    ".heic": " (Pillow reads HEIC with the pillow-heif plugin: pip install pillow-heif)",
+    ".heif": " (Pillow reads HEIF with the pillow-heif plugin: pip install pillow-heif)",
+}
+
 _HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 def _allowed_formats() -> tuple[str, ...]:
-    """Every format Pillow can open, in Pillow's own probing order, minus the unsafe ones."""
+    """Every format Pillow can open, in Pillow's own probing order, minus the unsafe ones; HEIC and
+    HEIF too when the ``pillow-heif`` plugin is installed (phones save photos as HEIC)."""
     global _formats
     if _formats is None:
         Image.init()
+        _register_heif_plugin()
         _formats = tuple(f for f in Image.ID if f not in _EXCLUDED_FORMATS)
     return _formats
 
@@ -56,6 +65,15 @@ def _one_line(exc: BaseException) -> str:
     """The reason an exception gives, squeezed onto one line for the CLI."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def _register_heif_plugin() -> None:
+    """Let Pillow open HEIC/HEIF when ``pillow-heif`` is installed; nothing happens otherwise."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -130,7 +148,8 @@ def _load_path(path: str, max_pixels: int | None, target_size: tuple[int, int] |
     except PermissionError as exc:
         raise ImageError(f"cannot read image {path}: permission denied") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageError(f"cannot read image {path}: not an image, or a format Pillow cannot read") from exc
+        hint = _PLUGIN_HINTS.get(os.path.splitext(path)[1].lower(), "")
+        raise ImageError(f"cannot read image {path}: not an image, or a format Pillow cannot read{hint}") from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(f"cannot read image {path}: refused, {_one_line(exc)}") from exc
     except MemoryError as exc:
