@@ -61,7 +61,7 @@ HEAD_FUSION = {"rollout": "max", "grad_rollout": "mean"}
 DISCARD_RATIO = 0.9
 #: Seconds between two pipelines' calls. onnxruntime's intra-op threads keep spinning for about
 #: 45 ms after a multi-threaded call returns (2-core AMD EPYC: 42 ms of CPU within 50 ms of the
-#: return, none after ~50 ms), PyTorch's OpenMP threads for about 8 ms. With the 20 ms pause
+#: return, 8 ms more over the next 350 ms), PyTorch's OpenMP threads for about 8 ms. With the 20 ms pause
 #: used before, the next process shared a core with that spinning: at batch 1 the bare graph
 #: call took 33 ms median against 17 ms with a pause of 0.1 s or more, and the reference 120 ms
 #: against 77-85 ms.
