@@ -21,9 +21,9 @@ Fairness
     three of one case are driven in lockstep, round robin (one call each, rotating the order,
     with a pause between calls, :data:`PAUSE_S`, so no thread pool is still spinning when the
     next process starts), so that load from anything else on the machine drifts over all three
-    alike. Thread counts are pinned in each
-    worker (``torch.set_num_threads``, onnxruntime ``intra_op_num_threads``, and the
-    OpenMP/BLAS environment variables, which also bound numpy's matmul threads). Each call's
+    alike. Thread counts are pinned in each worker (``torch.set_num_threads``, onnxruntime
+    ``intra_op_num_threads``, and the OpenMP/BLAS environment variables, which also bound
+    numpy's matmul threads). Each call's
     process CPU time is recorded beside its latency: on a busy machine it is the steadier
     number (PyTorch's OpenMP pool suffers far more from oversubscription than onnxruntime's).
 
@@ -61,10 +61,10 @@ HEAD_FUSION = {"rollout": "max", "grad_rollout": "mean"}
 DISCARD_RATIO = 0.9
 #: Seconds between two pipelines' calls. onnxruntime's intra-op threads keep spinning for about
 #: 45 ms after a multi-threaded call returns (2-core AMD EPYC: 42 ms of CPU within 50 ms of the
-#: return, 8 ms more over the next 350 ms), PyTorch's OpenMP threads for about 8 ms. With the 20 ms pause
-#: used before, the next process shared a core with that spinning: at batch 1 the bare graph
-#: call took 33 ms median against 17 ms with a pause of 0.1 s or more, and the reference 120 ms
-#: against 77-85 ms.
+#: return, 8 ms more over the next 350 ms), PyTorch's OpenMP threads for about 8 ms. With the
+#: 20 ms pause used before, the next process shared a core with that spinning: at batch 1 the
+#: bare graph call took 33 ms median against 17 ms with a pause of 0.1 s or more, and the
+#: reference 120 ms against 77-85 ms.
 PAUSE_S = 0.1
 _MIB = 1024.0 * 1024.0
 

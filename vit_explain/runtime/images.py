@@ -42,8 +42,8 @@ _formats: tuple[str, ...] | None = None
 #: Formats phones and cameras write that Pillow reads only through a plugin: said in the error.
 #: With ``pillow-heif`` installed, :func:`_allowed_formats` registers it and such files load.
 _PLUGIN_HINTS = {
-    ".heic": " (Pillow reads HEIC with the pillow-heif plugin: pip install pillow-heif)",
-    ".heif": " (Pillow reads HEIF with the pillow-heif plugin: pip install pillow-heif)",
+    suffix: f" (Pillow reads {suffix[1:].upper()} with the pillow-heif plugin: pip install pillow-heif)"
+    for suffix in (".heic", ".heif")
 }
 
 _HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
