@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["first_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "ExportError", "ParityError"]
+__all__ = ["first_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "OutputError", "ExportError", "ParityError"]
 
 
 class VitExplainError(Exception):
@@ -19,6 +19,10 @@ class DeviceError(VitExplainError):
 
 class ImageError(VitExplainError):
     """An input image cannot be read or is refused (not an image, truncated, decompression bomb)."""
+
+
+class OutputError(VitExplainError):
+    """An output folder or file cannot be written (read-only folder, a file in the way, disk full)."""
 
 
 class ExportError(VitExplainError):
