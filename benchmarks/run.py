@@ -1,4 +1,4 @@
-"""Benchmark the runtime against the PyTorch reference and write ``benchmarks/results-<date>.md``.
+"""Benchmark the runtime against the PyTorch reference and write ``benchmarks/results/results-<date>.md``.
 
     python benchmarks/run.py --model deit_tiny_patch16_224 --batch-sizes 1,8,32 --threads 2 --images ../shared/images
 
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vit_explain.benchmark import PAUSE_S, format_table, machine_info, run_benchmark  # noqa: E402
+from benchmarks.harness import PAUSE_S, format_table, machine_info, run_benchmark  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    parser.add_argument("--output", type=Path, default=None, help="results file (default benchmarks/results-<date>.md)")
+    parser.add_argument("--output", type=Path, default=None, help="results file (default benchmarks/results/results-<date>.md)")
     args = parser.parse_args(argv)
 
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    output = args.output or ROOT / "benchmarks" / f"results-{dt.date.today().isoformat()}.md"
+    output = args.output or ROOT / "benchmarks" / "results" / f"results-{dt.date.today().isoformat()}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
     log(f"wrote {output}")

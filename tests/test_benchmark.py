@@ -42,7 +42,7 @@ def images(tmp_path_factory) -> list[Path]:
 
 
 def test_rows_are_well_formed(tiny_model, images):
-    from vit_explain.benchmark import PIPELINES, BenchRow, format_table, run_benchmark
+    from benchmarks.harness import PIPELINES, BenchRow, format_table, run_benchmark
 
     rows = run_benchmark(
         MODEL, tiny_model, images, batch_sizes=(1, 2), threads=1, repeats=1,
@@ -73,7 +73,7 @@ def test_rows_are_well_formed(tiny_model, images):
 
 
 def test_bad_arguments_are_refused(tmp_path):
-    from vit_explain.benchmark import run_benchmark
+    from benchmarks.harness import run_benchmark
 
     with pytest.raises(FileNotFoundError):
         run_benchmark(MODEL, tmp_path / "missing.onnx", [tmp_path / "x.png"])
