@@ -1,0 +1,1 @@
+"""Benchmarks of vit-explain against the PyTorch reference (not part of the installed package)."""
