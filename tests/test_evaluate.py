@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -519,3 +520,120 @@ def test_end_to_end_smoke(small_model, tmp_path):
     again = evaluate(explainer, pixels, methods=["gae"], steps=4, batch_size=3, seed=0)
     np.testing.assert_allclose(again.curves["deletion"]["gae"], result.curves["deletion"]["gae"], rtol=1e-5)
     np.testing.assert_allclose(again.curves["positive"][RANDOM], result.curves["positive"][RANDOM], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# The command line
+# --------------------------------------------------------------------------- #
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from vit_explain.cli import main
+
+    return CliRunner().invoke(main, ["evaluate", *[str(a) for a in args]])
+
+
+def _photos(folder, count=2):
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"photo{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def _one_error_line(result) -> str:
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_cli_names_rows_by_file_and_passes_explain_settings(small_model, tmp_path):
+    photos = _photos(tmp_path / "in")
+    out = tmp_path / "out"
+    result = _cli(*photos, "--model", small_model.session.path, "--steps", "2", "--discard-ratio", "0.5",
+                  "--start-layer", "1", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    with (out / "evaluation.csv").open(newline="", encoding="utf-8") as f:
+        images = {row["image"] for row in csv.DictReader(f)}
+    assert images == {str(p) for p in photos} | {"mean"}
+    recorded = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))["settings"]["method_settings"]
+    # each flag reached the methods that use it, and only those; the rest kept explain's defaults
+    assert recorded["rollout"]["discard_ratio"] == 0.5 and recorded["rollout"]["head_fusion"] == "max"
+    assert recorded["grad_rollout"]["discard_ratio"] == 0.5 and recorded["grad_rollout"]["head_fusion"] == "mean"
+    assert recorded["gae"]["head_fusion"] is None and recorded["gae"]["start_layer"] == 1
+    assert recorded["attention"]["discard_ratio"] is None and recorded["attention"]["start_layer"] == 0
+    assert recorded["rollout"]["start_layer"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "gae", "--head-fusion", "min"], "--head-fusion does not apply to gae"),
+        (["--method", "gae", "--method", "attention", "--discard-ratio", "0.5"], "--discard-ratio does not apply to gae or attention"),
+        (["--method", "attention", "--start-layer", "1"], "--start-layer does not apply to attention"),
+        (["--start-layer", "2"], "the model has 2 layers"),
+        (["--discard-ratio", "1"], "--discard-ratio"),
+    ],
+)
+def test_cli_refuses_settings_as_explain_does(small_model, tmp_path, flags, message):
+    photos = _photos(tmp_path / "in", 1)
+    result = _cli(*photos, "--model", small_model.session.path, *flags, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_checks_the_output_folder_before_the_work(small_model, tmp_path, monkeypatch):
+    import vit_explain.evaluate as package
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated although the results could never be written")
+
+    monkeypatch.setattr(package, "evaluate", must_not_run)
+    photos = _photos(tmp_path / "in", 1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = _cli(*photos, "--model", small_model.session.path, "-o", blocker / "out")
+    assert result.exit_code == 1
+    assert "cannot write in the output folder" in _one_error_line(result)
+    (tmp_path / "out" / "evaluation.json").mkdir(parents=True)  # a folder in the way of one output
+    result = _cli(*photos, "--model", small_model.session.path, "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "evaluation.json: a folder is in the way" in _one_error_line(result)
+
+
+@pytest.mark.slow
+def test_cli_prints_the_table_before_a_failed_write(small_model, tmp_path, monkeypatch):
+    import errno
+
+    import vit_explain.evaluate.writers as writers
+
+    def disk_full(result, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writers, "save_plot", disk_full)
+    photos = _photos(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    result = _cli(*photos, "--model", small_model.session.path, "--method", "gae", "--steps", "2", "-o", out, "-q")
+    assert result.exit_code == 1
+    assert f"cannot write {out / 'evaluation.png'}: No space left on device" in _one_error_line(result)
+    assert "gae" in result.stdout and "random" in result.stdout and "deletion (lower better)" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.csv", "evaluation.json"]  # atomic: no temp left
+
+
+def test_result_and_writers_import_without_a_circle():
+    """writers imports result; result (pure data) must import nothing of writers, even lazily."""
+    import ast
+
+    import vit_explain.evaluate.result as result_module
+
+    tree = ast.parse(open(result_module.__file__, encoding="utf-8").read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(name and name.endswith("writers") for name in imported), imported
+    subprocess.run([sys.executable, "-c", "import vit_explain.evaluate.writers"], check=True)

@@ -246,6 +246,12 @@ def _write_report(outcomes, problems, output_dir: Path, explainer, settings) -> 
 @click.option("-m", "--model", default=None, metavar="FILE|NAME", help="As for explain. [default: deit_tiny_patch16_224]")
 @click.option("--method", "methods", type=click.Choice(METHODS), multiple=True,
               help="Method to evaluate (repeatable). [default: all four] A seeded random map is always added.")
+@click.option("--head-fusion", type=click.Choice(HEAD_FUSIONS),
+              help="As for explain, given to the methods that fuse heads. Default: max for rollout, mean for grad_rollout and attention.")
+@click.option("--discard-ratio", type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="As for explain, given to rollout and grad_rollout, in [0, 1). [default: 0.9]")
+@click.option("--start-layer", type=click.IntRange(min=0), default=0, show_default=True,
+              help="As for explain, given to rollout, grad_rollout and gae.")
 @click.option("--category-index", type=click.IntRange(min=0), help="Class whose probability is scored [default: each image's top-1].")
 @click.option("--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Deletion/insertion steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -254,20 +260,77 @@ def _write_report(outcomes, problems, output_dir: Path, explainer, settings) -> 
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1))
 @click.option("-q", "--quiet", is_flag=True)
-def evaluate(inputs, model, methods, category_index, steps, batch_size, seed, output_dir, device, threads, quiet) -> None:
+def evaluate(inputs, model, methods, head_fusion, discard_ratio, start_layer, category_index, steps, batch_size, seed,
+             output_dir, device, threads, quiet) -> None:
     """How faithful is each map? Deletion/insertion curves and positive/negative perturbation AUCs.
 
     Writes evaluation.csv, evaluation.json and evaluation.png (the mean curves) in the output directory.
+    A setting flag goes to the methods that use it, and is refused when none of them does.
     """
+    from .evaluate import check_writable
     from .evaluate import evaluate as run_evaluation
-    from .evaluate import write_outputs
-    from .outputs import discover_images
-    from .runtime.images import load_image
 
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     explainer = _open_explainer(model, device, threads, say)
     if category_index is not None:
         _check_categories((category_index,), explainer.metadata)
+    methods = tuple(methods) or METHODS
+    method_settings = _evaluation_settings(explainer, methods, head_fusion, discard_ratio, start_layer)
+    try:  # minutes of work must not end in a write that could never succeed
+        check_writable(output_dir)
+    except VitExplainError as exc:
+        raise _fail(exc) from None
+    images, names, problems = _load_for_evaluation(inputs, output_dir)
+    say(f"evaluating {len(images)} images, {len(methods)} methods (about {len(images) * 15 * steps} forward passes)")
+    try:
+        result = run_evaluation(
+            explainer, images, methods=methods, category_index=category_index, steps=steps,
+            batch_size=batch_size, seed=seed, method_settings=method_settings, names=names,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    _write_evaluation(result, output_dir, say)
+    if problems:
+        sys.exit(1)
+
+
+def _evaluation_settings(explainer, methods: tuple[str, ...], head_fusion, discard_ratio, start_layer: int) -> dict[str, dict]:
+    """Each method's explain settings, defaulted and checked by explain's own rules.
+
+    Evaluating several methods at once is the point of ``evaluate``, so a flag goes to the
+    methods that use it (``--head-fusion min`` with the default four leaves gae alone); a flag
+    that none of them uses would change nothing, and is refused as explain refuses it.
+    """
+    from .runtime.explainer import USES_DISCARD_RATIO, USES_HEAD_FUSION, USES_START_LAYER
+
+    unused = [
+        flag for flag, given, users in (
+            ("--head-fusion", head_fusion is not None, USES_HEAD_FUSION),
+            ("--discard-ratio", discard_ratio is not None, USES_DISCARD_RATIO),
+            ("--start-layer", start_layer != 0, USES_START_LAYER),
+        ) if given and not set(methods) & set(users)
+    ]
+    if unused:
+        raise click.BadParameter(f"{', '.join(unused)} does not apply to {' or '.join(methods)}", param_hint="--method")
+    settings = {}
+    for method in methods:
+        layer = start_layer if method in USES_START_LAYER else 0
+        _, fusion, ratio = _resolve_method(
+            explainer, method, head_fusion if method in USES_HEAD_FUSION else None,
+            discard_ratio if method in USES_DISCARD_RATIO else None, layer, None,
+        )
+        chosen = {"head_fusion": fusion, "discard_ratio": ratio}
+        settings[method] = {key: value for key, value in chosen.items() if value is not None}
+        if method in USES_START_LAYER:
+            settings[method]["start_layer"] = layer
+    return settings
+
+
+def _load_for_evaluation(inputs, output_dir: Path):
+    """The images, the names the results give them (as the user named them) and the problems, reported."""
+    from .outputs import discover_images
+    from .runtime.images import load_image
+
     items, problems = discover_images(list(inputs), exclude=[output_dir])
     for source, reason in problems:
         click.echo(f"skipping {source}: {reason}", err=True)
@@ -275,25 +338,25 @@ def evaluate(inputs, model, methods, category_index, steps, batch_size, seed, ou
     for item in items:
         try:
             images.append(load_image(item.path))
-            names.append(str(item.rel))
+            names.append(str(item.path))
         except VitExplainError as exc:
             problems.append((str(item.path), str(exc)))
             click.echo(f"failed: {exc}", err=True)
     if not images:
         raise _fail(VitExplainError("no images to evaluate"))
-    say(f"evaluating {len(images)} images, {len(methods) or 4} methods (about {len(images) * 15 * steps} forward passes)")
-    try:
-        result = run_evaluation(
-            explainer, images, methods=tuple(methods) or METHODS, category_index=category_index,
-            steps=steps, batch_size=batch_size, seed=seed,
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    paths = write_outputs(result, output_dir)
+    return images, names, problems
+
+
+def _write_evaluation(result, output_dir: Path, say) -> None:
+    """The table first (on stdout), then the files: a write that fails loses no numbers."""
+    from .evaluate import write_outputs
+
     click.echo(_averages_table(result))
+    try:
+        paths = write_outputs(result, output_dir)
+    except VitExplainError as exc:
+        raise _fail(exc) from None
     say(f"wrote {', '.join(str(p) for p in paths.values())}")
-    if problems:
-        sys.exit(1)
 
 
 def _averages_table(result) -> str:

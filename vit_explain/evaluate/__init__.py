@@ -15,7 +15,7 @@ from .metrics import METRIC_NAMES, METRICS, MetricSpec, cosine_similarity, trape
 from .perturbation import BASELINES
 from .result import RANDOM, EvaluationResult
 from .runner import DEFAULT_BATCH_SIZE, DEFAULT_STEPS, ScoreFn, evaluate, evaluate_masks, session_score_fn
-from .writers import save_csv, save_plot, save_result_json, write_outputs
+from .writers import check_writable, save_csv, save_plot, save_result_json, write_outputs
 
 __all__ = [
     "BASELINES",
@@ -27,6 +27,7 @@ __all__ = [
     "RANDOM",
     "EvaluationResult",
     "ScoreFn",
+    "check_writable",
     "cosine_similarity",
     "evaluate",
     "evaluate_masks",

@@ -1,8 +1,11 @@
-"""``EvaluationResult``: curves per image, metric and method, their areas, and averages."""
+"""``EvaluationResult``: curves per image, metric and method, their areas, and averages.
+
+Pure data: writing it to files is :mod:`.writers`' job (``write_outputs``), which imports this
+module and never the other way round, so neither module is half-initialised when the other loads.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,19 +138,3 @@ class EvaluationResult:
             },
             "images": per_image,
         }
-
-    # -- files ----------------------------------------------------------------------------
-    def save_csv(self, path: str | os.PathLike) -> None:
-        from .writers import save_csv
-
-        save_csv(self, path)
-
-    def save_json(self, path: str | os.PathLike) -> None:
-        from .writers import save_result_json
-
-        save_result_json(self, path)
-
-    def save_plot(self, path: str | os.PathLike) -> None:
-        from .writers import save_plot
-
-        save_plot(self, path)

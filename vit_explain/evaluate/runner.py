@@ -299,7 +299,18 @@ def evaluate_masks(
 
 
 # -- the public entry point ------------------------------------------------------------------
-def _inputs(explainer, inputs) -> tuple[np.ndarray, tuple[str, ...]]:
+def _inputs(explainer, inputs, names: Sequence[str] | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    pixels, default_names = _pixels_and_names(explainer, inputs)
+    if names is None:
+        return pixels, default_names
+    names = tuple(str(name) for name in names)
+    if len(names) != pixels.shape[0]:
+        raise ValueError(f"{len(names)} names for {pixels.shape[0]} images")
+    return pixels, names
+
+
+def _pixels_and_names(explainer, inputs) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Preprocessed pixels and each image's name: its path, else its file name, else "image N"."""
     if isinstance(inputs, np.ndarray):
         expected = tuple(explainer.metadata.preprocess.input_size)
         if inputs.ndim == 3:
@@ -350,6 +361,7 @@ def evaluate(
     perturbation_baseline: str = "mean",
     score_fn: ScoreFn | None = None,
     progress: Progress | None = None,
+    names: Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Explain ``inputs`` with each of ``methods`` and score every map's faithfulness.
 
@@ -364,6 +376,8 @@ def evaluate(
     A seeded random map (``"random"``) is added unless ``include_random`` is False.
     ``score_fn`` (default: the explainer's forward-only graph) maps pixels to logits/features.
     ``progress(done, total)`` is called after each forward batch.
+    ``names``: what the results call each image (default: its path; PIL images loaded by the
+    caller have none, so a caller that loaded them passes the file names here).
     """
     methods, wants_random = _methods(methods)
     method_settings = dict(method_settings or {})
@@ -378,7 +392,7 @@ def evaluate(
     _baseline(insertion_baseline, "insertion baseline")
     _baseline(perturbation_baseline, "perturbation baseline")
     meta = explainer.metadata
-    pixels, names = _inputs(explainer, inputs)
+    pixels, names = _inputs(explainer, inputs, names)
     count = pixels.shape[0]
     if count == 0:
         raise ValueError("no images to evaluate")

@@ -1,16 +1,25 @@
-"""Write an :class:`EvaluationResult`: CSV table, JSON document, PNG plot. Every file atomically."""
+"""Write an :class:`EvaluationResult`: CSV table, JSON document, PNG plot. Every file atomically.
+
+An evaluation can take minutes, so :func:`check_writable` lets a caller find out that the output
+folder cannot be written *before* the work, and :func:`write_outputs` reports a failed write as
+one :class:`~vit_explain.errors.OutputError` line naming the file, not as a traceback.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from pathlib import Path
 
+from ..errors import OutputError
 from ..outputs.files import atomic_writer, save_json
 from .metrics import METRICS
 from .result import RANDOM, EvaluationResult
 
-__all__ = ["save_csv", "save_result_json", "save_plot", "write_outputs"]
+__all__ = ["OUTPUT_FORMATS", "check_writable", "output_paths", "save_csv", "save_result_json", "save_plot", "write_outputs"]
+
+OUTPUT_FORMATS = ("csv", "json", "png")
 
 
 def save_csv(result: EvaluationResult, path: str | os.PathLike) -> None:
@@ -58,11 +67,45 @@ def save_plot(result: EvaluationResult, path: str | os.PathLike, dpi: int = 110)
         figure.savefig(f, format="png", dpi=dpi)
 
 
-def write_outputs(result: EvaluationResult, folder: str | os.PathLike, stem: str = "evaluation") -> dict[str, Path]:
-    """``folder/evaluation.csv``, ``.json`` and ``.png``; returns them keyed by format."""
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def output_paths(folder: str | os.PathLike, stem: str = "evaluation") -> dict[str, Path]:
+    """Where :func:`write_outputs` writes, keyed by format."""
+    return {fmt: Path(folder) / f"{stem}.{fmt}" for fmt in OUTPUT_FORMATS}
+
+
+def check_writable(folder: str | os.PathLike, stem: str = "evaluation") -> None:
+    """Raise :class:`OutputError` unless ``folder`` (created if missing) takes new files and none of
+    the output names is a folder.
+
+    It creates and removes a temporary file there, the way the atomic writers will: asking
+    ``os.access`` is not enough (it ignores read-only mounts under root, ACLs, a full disk's
+    inode table).
+    """
     folder = Path(folder)
-    paths = {fmt: folder / f"{stem}.{fmt}" for fmt in ("csv", "json", "png")}
-    save_csv(result, paths["csv"])
-    save_result_json(result, paths["json"])
-    save_plot(result, paths["png"])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{stem}.", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write in the output folder {folder}: {_reason(exc)}") from None
+    for path in output_paths(folder, stem).values():
+        if path.is_dir():
+            raise OutputError(f"cannot write {path}: a folder is in the way")
+
+
+def write_outputs(result: EvaluationResult, folder: str | os.PathLike, stem: str = "evaluation") -> dict[str, Path]:
+    """``folder/evaluation.csv``, ``.json`` and ``.png``, each atomically; returns them keyed by format.
+
+    A write that fails raises :class:`OutputError` naming the file; files already written stay.
+    """
+    paths = output_paths(folder, stem)
+    writers = {"csv": save_csv, "json": save_result_json, "png": save_plot}
+    for fmt, path in paths.items():
+        try:
+            writers[fmt](result, path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {_reason(exc)}") from None
     return paths
