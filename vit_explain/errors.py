@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["first_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "OutputError", "ExportError", "ParityError"]
+__all__ = ["first_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "OutputError", "ExportError", "WeightsUnavailableError", "ParityError"]
 
 
 class VitExplainError(Exception):
@@ -27,6 +27,10 @@ class OutputError(VitExplainError):
 
 class ExportError(VitExplainError):
     """A timm model cannot be exported (unsupported architecture, weights not available, bad checkpoint)."""
+
+
+class WeightsUnavailableError(ExportError):
+    """Pretrained weights cannot be fetched (offline, hub down): callers suggest local weights."""
 
 
 class ParityError(ExportError):

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from ..errors import ExportError, first_line
+from ..errors import ExportError, WeightsUnavailableError, first_line
 from ..metadata import parse_img_size
 from ..reference import weights_sha256
 
@@ -140,7 +140,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
-            raise ExportError(
+            raise WeightsUnavailableError(
                 f"pretrained weights for {spec.name} could not be loaded ({type(exc).__name__}: {first_line(exc)}). "
                 "Without network access, pass a local state dict with --weights PATH "
                 "(or --weights random for a test model)"
