@@ -9,6 +9,7 @@ outputs or none for each image, and a rerun skips what is complete.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from PIL import Image
 
 from .errors import ImageError
 from .outputs import InputImage, ReportEntry, output_stem, overlay, save_json, save_npy, save_png
+from .outputs.placement import model_box
 from .runtime import Explainer
 from .runtime.images import load_image
 from .runtime.rollout import CLASS_SPECIFIC_METHODS
@@ -172,6 +174,7 @@ def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings, pool
 
 def _write_outputs(item, files, image, index, per_category, top5, explainer, settings) -> ImageOutcome:
     meta = explainer.metadata
+    box = model_box(image.size, meta)  # where the model looked: the overlay paints only there
     maps = []
     for category, result in per_category:
         label = map_label(settings.method, category, settings.default_target)
@@ -181,7 +184,7 @@ def _write_outputs(item, files, image, index, per_category, top5, explainer, set
         if explained is not None:
             entry["category_name"] = meta.class_name(explained)
         if f"{label}.png" in files:
-            save_png(files[f"{label}.png"], overlay(image, mask, settings.colormap, settings.alpha))
+            save_png(files[f"{label}.png"], overlay(image, mask, settings.colormap, settings.alpha, box))
             entry["overlay"] = files[f"{label}.png"].name
         if f"{label}.npy" in files:
             save_npy(files[f"{label}.npy"], mask)
@@ -193,6 +196,7 @@ def _write_outputs(item, files, image, index, per_category, top5, explainer, set
             {
                 "source": str(item.path),
                 "image_size": list(image.size),
+                "crop_window": [round(v, 4) for v in box],  # the .npy grid's area, in image pixels
                 "model": {"source_model": meta.source_model, "weights": meta.weights, "file": str(explainer.session.path)},
                 "settings": settings.recorded(),
                 "grid_size": list(meta.grid_size),
@@ -205,10 +209,12 @@ def _write_outputs(item, files, image, index, per_category, top5, explainer, set
     return ImageOutcome(item, "done", files=files)
 
 
-def report_entries(outcomes: Sequence[ImageOutcome], limit: int = 1000) -> list[ReportEntry]:
+def report_entries(outcomes: Sequence[ImageOutcome], limit: int = 1000, report_dir: Path | None = None) -> list[ReportEntry]:
     """Report rows rebuilt from the files on disk, so resumed (skipped) images appear too.
 
     Thumbnails are made one image at a time; ``limit`` bounds the report for huge runs.
+    ``report_dir``: where the report will be, so that each map links to its full-size overlay
+    (and the source to the photo) by a relative path, which survives moving the whole folder.
     """
     entries = []
     for outcome in outcomes[:limit]:
@@ -217,27 +223,56 @@ def report_entries(outcomes: Sequence[ImageOutcome], limit: int = 1000) -> list[
             entries.append(ReportEntry(source, None, error=outcome.error))
             continue
         try:
-            entries.append(_report_entry(outcome, source))
-        except (OSError, ValueError, ImageError) as exc:
+            entries.append(_report_entry(outcome, source, report_dir))
+        except (OSError, ValueError, KeyError, ImageError) as exc:
             entries.append(ReportEntry(source, None, error=f"cannot show outputs: {exc}"))
     return entries
 
 
 def _thumbnail(image: Image.Image, width: int = 200) -> Image.Image:
+    """A copy at most ``width`` wide and ``4 * width`` tall: reports never hold full-size photos."""
     image = image.copy()
     image.thumbnail((width, width * 4))
     return image
 
 
-def _report_entry(outcome: ImageOutcome, source: str) -> ReportEntry:
+def _href(path: Path, report_dir: Path) -> str:
+    """``path`` as a link from a page in ``report_dir``: relative and URL-quoted (``#`` or a space
+    in a file name must not cut the link), or a ``file:`` URI where no relative path exists."""
+    import os
+    from urllib.parse import quote
+
+    try:
+        return quote(Path(os.path.relpath(Path(path).resolve(), Path(report_dir).resolve())).as_posix())
+    except ValueError:  # another drive (Windows)
+        return Path(path).resolve().as_uri()
+
+
+def _map_caption(label: str, recorded: dict) -> str:
+    """``"grad_rollout: bull mastiff"`` for the file label ``grad_rollout.243``: people read class
+    names, not indices (the index stays in the file name and the JSON)."""
+    method = label.split(".", 1)[0]
+    if recorded.get("category_name"):
+        return f"{method}: {recorded['category_name']}"
+    if label.endswith(".features"):
+        return f"{method}: own features"
+    return label
+
+
+def _report_entry(outcome: ImageOutcome, source: str, report_dir: Path | None = None) -> ReportEntry:
     thumb = _thumbnail(load_image(outcome.item.path))
-    maps = []
+    data = json.loads(outcome.files["json"].read_text(encoding="utf-8")) if "json" in outcome.files else {}
+    recorded = {m.get("label"): m for m in data.get("maps", [])}
+    maps, links = [], {}
+    if report_dir is not None:
+        links["source"] = _href(outcome.item.path, report_dir)
     for key, path in outcome.files.items():
         if key.endswith(".png"):
+            label = key.removesuffix(".png")
+            caption = _map_caption(label, recorded.get(label, {}))
             with Image.open(path) as overlay_image:
-                maps.append((key.removesuffix(".png"), _thumbnail(overlay_image.convert("RGB"))))
-    predictions = []
-    if "json" in outcome.files:
-        data = json.loads(outcome.files["json"].read_text(encoding="utf-8"))
-        predictions = [(p["name"], float(p["probability"])) for p in data.get("predictions", [])[:3]]
-    return ReportEntry(source, thumb, maps=maps, predictions=predictions)
+                maps.append((caption, _thumbnail(overlay_image.convert("RGB"))))
+            if report_dir is not None:
+                links[caption] = _href(path, report_dir)
+    predictions = [(p["name"], float(p["probability"])) for p in data.get("predictions", [])[:3]]
+    return ReportEntry(source, thumb, maps=maps, predictions=predictions, links=links)

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vit_explain.outputs.placement import place_mask
+
 __all__ = [
     "BASELINES",
     "BLUR_SIGMA",
@@ -90,29 +92,16 @@ def baseline_images(
     raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, not {kind!r}")
 
 
-def _interpolation_matrix(source: int, target: int) -> np.ndarray:
-    """``[target, source]`` weights of bilinear resizing with half-pixel centres (torch's
-    ``align_corners=False``; coordinates below 0 clamp to the first sample, as torch does)."""
-    dst = np.arange(target, dtype=np.float64)
-    src = np.clip((dst + 0.5) * (source / target) - 0.5, 0.0, None)
-    low = np.minimum(np.floor(src).astype(np.int64), source - 1)
-    high = np.minimum(low + 1, source - 1)
-    frac = src - low
-    matrix = np.zeros((target, source), dtype=np.float64)
-    np.add.at(matrix, (np.arange(target), low), 1.0 - frac)
-    np.add.at(matrix, (np.arange(target), high), frac)
-    return matrix
-
-
 def upsample_bilinear(masks: np.ndarray, height: int, width: int) -> np.ndarray:
     """Patch-grid maps ``[B, gh, gw]`` -> pixel maps ``[B, H, W]`` (float64), bilinear.
 
     Matches ``torch.nn.functional.interpolate(..., mode="bilinear", align_corners=False)``,
-    which Chefer et al. use to turn a patch map into pixel relevance.
+    which Chefer et al. use to turn a patch map into pixel relevance. The pixels are the model
+    input, which the grid covers whole, so this is the overlay's own mapping
+    (:func:`~vit_explain.outputs.placement.place_mask`) with the window the whole input: a map
+    is ranked here exactly as it is drawn.
     """
-    rows = _interpolation_matrix(masks.shape[1], height)
-    cols = _interpolation_matrix(masks.shape[2], width)
-    return np.einsum("hi,bij,wj->bhw", rows, masks.astype(np.float64), cols)
+    return np.stack([place_mask(mask, (width, height)).heat for mask in masks])
 
 
 def patch_index_map(grid_size: tuple[int, int], height: int, width: int) -> np.ndarray:
