@@ -18,6 +18,7 @@ from .files import (
     sniff_image,
 )
 from .overlay import available_colormaps, colorize, overlay, upsample_mask
+from .placement import Placement, grid_box, model_box, place_mask
 from .report import (
     ReportEntry,
     render_contact_sheet,
@@ -28,15 +29,19 @@ from .report import (
 
 __all__ = [
     "InputImage",
+    "Placement",
     "ReportEntry",
     "atomic_write_bytes",
     "atomic_writer",
     "available_colormaps",
     "colorize",
     "discover_images",
+    "grid_box",
     "looks_like_image",
+    "model_box",
     "output_stem",
     "overlay",
+    "place_mask",
     "render_contact_sheet",
     "render_html_report",
     "save_json",
