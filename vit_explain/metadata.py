@@ -5,6 +5,12 @@ under :data:`METADATA_KEY`; the runtime reads it back through onnxruntime's
 ``custom_metadata_map``. It is the single source of truth for preprocessing and token
 layout, so the runtime never guesses (no ``sqrt(N - 1)``, no hard-coded 224 or mean/std).
 
+A file may come from another machine or team, so what it says is checked before anything is
+sized from it: :meth:`ModelMetadata.check_fields` (each field's type and range, known names),
+:meth:`ModelMetadata.check_layout` (the patch grid against input and patch size); the runtime
+then checks the rest against the graph itself. A bad field is one :class:`MetadataError` line
+that names it, never a traceback or a garbage mask.
+
 This module imports neither torch nor onnx: the runtime depends on it.
 """
 
@@ -12,8 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import ModelFileError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -27,6 +36,10 @@ __all__ = [
     "PreprocessConfig",
     "ModelMetadata",
     "MetadataError",
+    "INTERPOLATION_NAMES",
+    "CROP_MODE_NAMES",
+    "POOLINGS",
+    "OUTPUT_KINDS",
     "parse_img_size",
 ]
 
@@ -42,8 +55,47 @@ OUTPUT_ATTENTIONS = "attentions"
 OUTPUT_GRADIENTS = "attention_gradients"
 
 
-class MetadataError(ValueError):
-    """The metadata is missing, malformed or from an incompatible format version."""
+#: timm's eval interpolations the runtime can reproduce (``runtime.preprocess.INTERPOLATIONS``;
+#: repeated here because that module needs Pillow, and a test keeps the two equal).
+INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+#: timm's crop modes (``runtime.preprocess.CROP_MODES``).
+CROP_MODE_NAMES = ("center", "squash", "border")
+#: timm ``global_pool`` values whose output is one vector per image (what export accepts).
+POOLINGS = ("token", "avg", "avgmax", "max")
+OUTPUT_KINDS = ("logits", "features")
+
+
+class MetadataError(ModelFileError, ValueError):
+    """The metadata is missing, malformed, inconsistent or from an incompatible format version.
+
+    A :class:`ModelFileError` so the CLI prints it as one line; still a ``ValueError`` for
+    callers that caught it as one before the error hierarchy existed.
+    """
+
+
+def _field_error(name: str, value: Any, problem: str) -> MetadataError:
+    """One line naming the field, so whoever edited or produced the file knows what to fix."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return MetadataError(f"metadata field '{name}' {problem} (got {shown})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_ints(name: str, values: Any, count: int) -> None:
+    if not (isinstance(values, tuple) and len(values) == count and all(_is_int(v) and v > 0 for v in values)):
+        raise _field_error(name, values, f"must be {count} positive integers")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _field_error(name, value, f"must be one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +115,22 @@ class PreprocessConfig:
     @property
     def height(self) -> int:
         return self.input_size[1]
+
+    def check(self) -> None:
+        """Refuse values that would make preprocessing fail or silently produce garbage: a
+        zero std divides by zero, a crop_pct outside (0, 1] crops nonsense, an unknown
+        interpolation or crop mode has no faithful reproduction."""
+        _positive_ints("preprocess.input_size", self.input_size, 3)
+        if self.input_size[0] != 3:
+            raise _field_error("preprocess.input_size", self.input_size, "must have 3 channels (RGB)")
+        _one_of("preprocess.interpolation", self.interpolation, INTERPOLATION_NAMES)
+        _one_of("preprocess.crop_mode", self.crop_mode, CROP_MODE_NAMES)
+        if not (_is_number(self.crop_pct) and 0 < self.crop_pct <= 1):
+            raise _field_error("preprocess.crop_pct", self.crop_pct, "must be in (0, 1]")
+        if not (isinstance(self.mean, tuple) and len(self.mean) == 3 and all(_is_number(v) for v in self.mean)):
+            raise _field_error("preprocess.mean", self.mean, "must be 3 finite numbers")
+        if not (isinstance(self.std, tuple) and len(self.std) == 3 and all(_is_number(v) and v > 0 for v in self.std)):
+            raise _field_error("preprocess.std", self.std, "must be 3 finite numbers > 0")
 
     @property
     def width(self) -> int:
@@ -99,6 +167,55 @@ class ModelMetadata:
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
 
+    def check_fields(self) -> None:
+        """Each field on its own: types, ranges, known names (see :meth:`PreprocessConfig.check`)."""
+        self.preprocess.check()
+        _positive_ints("patch_size", self.patch_size, 2)
+        _positive_ints("grid_size", self.grid_size, 2)
+        if not (_is_int(self.num_prefix_tokens) and self.num_prefix_tokens >= 0):
+            raise _field_error("num_prefix_tokens", self.num_prefix_tokens, "must be an integer >= 0")
+        if not isinstance(self.has_class_token, bool):
+            raise _field_error("has_class_token", self.has_class_token, "must be true or false")
+        if self.has_class_token and self.num_prefix_tokens < 1:
+            raise _field_error("num_prefix_tokens", self.num_prefix_tokens, "must be >= 1 when has_class_token is true")
+        for name in ("num_layers", "num_heads", "num_outputs"):
+            if not (_is_int(getattr(self, name)) and getattr(self, name) > 0):
+                raise _field_error(name, getattr(self, name), "must be a positive integer")
+        _one_of("output_kind", self.output_kind, OUTPUT_KINDS)
+        _one_of("pooling", self.pooling, POOLINGS)
+        names = self.class_names
+        if not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
+            raise _field_error("class_names", names, "must be a list of strings")
+
+    def check_class_names(self) -> None:
+        """None (the runtime then says "class N") or exactly one name per output: two names for
+        384 outputs would label every prediction past the second with a made-up name. Checked
+        after ``num_outputs`` is known to match the graph, so the message blames the right field."""
+        names = self.class_names
+        if names and (self.output_kind != "logits" or len(names) != self.num_outputs):
+            expected = f"{self.num_outputs} (one per output)" if self.output_kind == "logits" else "0 (a feature model)"
+            raise MetadataError(
+                f"metadata field 'class_names' has {len(names)} names, expected {expected} or none"
+            )
+
+    def check_layout(self) -> None:
+        """The mask's grid is the patch embedding's: ``floor(input size / patch size)`` per axis
+        (a convolution with stride = kernel = patch drops the remainder). Anything else would
+        reshape the token row into a grid that is not the image's."""
+        expected = tuple(size // patch for size, patch in zip(self.preprocess.input_size[1:], self.patch_size))
+        if tuple(self.grid_size) != expected:
+            raise MetadataError(
+                f"metadata field 'grid_size' is {_hw(self.grid_size)}, but input size "
+                f"{_hw(self.preprocess.input_size[1:])} / patch size {_hw(self.patch_size)} gives {_hw(expected)}"
+            )
+
+    def check(self) -> None:
+        """Every check that needs no graph: :meth:`check_fields`, :meth:`check_layout`,
+        :meth:`check_class_names`."""
+        self.check_fields()
+        self.check_layout()
+        self.check_class_names()
+
     def class_name(self, index: int) -> str:
         if 0 <= index < len(self.class_names):
             return self.class_names[index]
@@ -131,9 +248,11 @@ class ModelMetadata:
             raw["preprocess"] = PreprocessConfig(**pre)
             for key in ("patch_size", "grid_size", "class_names"):
                 raw[key] = tuple(raw[key])
-            return cls(**raw)
+            metadata = cls(**raw)
         except (KeyError, TypeError) as exc:
             raise MetadataError(f"metadata is incomplete or malformed: {exc}") from exc
+        metadata.check_fields()
+        return metadata
 
     def describe(self) -> dict[str, Any]:
         """A flat, human-oriented summary (``vit-explain info``)."""
@@ -141,7 +260,9 @@ class ModelMetadata:
         return {
             "source model": self.source_model,
             "weights": self.weights,
-            "weights sha256": self.weights_sha256,
+            # the hash of the exported parameter tensors (as in the export's parity check), not
+            # of the file: the same weights exported twice, or with another opset, keep it
+            "parameters sha256": self.weights_sha256,
             "input size": f"{pre.height}x{pre.width}",
             "interpolation": pre.interpolation,
             "crop": f"{pre.crop_mode}, crop_pct={pre.crop_pct}",
@@ -159,6 +280,10 @@ class ModelMetadata:
             "format version": self.format_version,
             "exported by": f"vit-explain {self.package_version}",
         }
+
+
+def _hw(sizes: Any) -> str:
+    return "x".join(str(v) for v in sizes)
 
 
 def parse_img_size(text: str | None) -> tuple[int, int] | None:

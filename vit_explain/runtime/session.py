@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnxruntime as ort
 
 from ..errors import DeviceError, ModelFileError, first_line
@@ -36,7 +38,16 @@ from .graph_variants import (
     top1_class_weights,
 )
 
-__all__ = ["DEVICES", "GraphOutputs", "LayerOutputs", "ModelSession", "forward_only", "resolve_providers"]
+__all__ = [
+    "DEVICES",
+    "GraphOutputs",
+    "LayerOutputs",
+    "ModelSession",
+    "check_external_data",
+    "check_graph_shapes",
+    "forward_only",
+    "resolve_providers",
+]
 
 DEVICES = ("auto", "cpu", "cuda")
 _CUDA = "CUDAExecutionProvider"
@@ -109,9 +120,15 @@ class ModelSession:
             raise ModelFileError(f"model file not found: {self.path}")
         self.providers = resolve_providers(device)
         self.threads = threads
-        model = self._load_proto()
+        # Checked before any session or buffer is sized from the file: the metadata on its own,
+        # then against the graph's declared shapes (the external weights are not even read).
+        model = self._load_proto(with_external_data=False)
         self.metadata = self._read_metadata(model)
         self._check_interface(model)
+        try:
+            check_graph_shapes(self.metadata, model)
+        except MetadataError as exc:
+            raise MetadataError(f"{self.path}: {exc}") from None
         forward_only(model)  # refuses a file whose forward half reads the class weights, now
         del model
         self._sessions: dict[tuple[SessionKind, bool], ort.InferenceSession] = {}
@@ -119,11 +136,20 @@ class ModelSession:
         self._layer_names: dict[SessionKind, dict[str, list[str] | None]] = {}
         self._lock = threading.Lock()
 
-    def _load_proto(self) -> onnx.ModelProto:
+    def _load_proto(self, with_external_data: bool = True) -> onnx.ModelProto:
+        """The file's graph; weights stored beside it (external data) are read only when asked
+        for, and only from files inside the model's own folder (:func:`check_external_data`)."""
         try:
-            return onnx.load(str(self.path))
+            model = onnx.load(str(self.path), load_external_data=False)
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise several unrelated types here
             raise ModelFileError(f"{self.path} is not a readable ONNX model ({first_line(exc)})") from None
+        check_external_data(model, self.path)
+        if with_external_data:
+            try:
+                onnx.external_data_helper.load_external_data_for_model(model, str(self.path.parent))
+            except Exception as exc:  # noqa: BLE001 - a missing, short or unreadable data file
+                raise ModelFileError(f"{self.path}: its external data cannot be read ({first_line(exc)})") from None
+        return model
 
     def _read_metadata(self, model: onnx.ModelProto) -> ModelMetadata:
         raw = {prop.key: prop.value for prop in model.metadata_props}.get(METADATA_KEY)
@@ -135,7 +161,7 @@ class ModelSession:
         try:
             return ModelMetadata.from_json(raw)
         except MetadataError as exc:
-            raise ModelFileError(f"{self.path}: {exc}") from None
+            raise MetadataError(f"{self.path}: {exc}") from None
 
     def _check_interface(self, model: onnx.ModelProto) -> None:
         inputs = {i.name for i in model.graph.input}
@@ -320,3 +346,86 @@ class ModelSession:
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+
+# -- checks of a file from elsewhere ---------------------------------------------------------
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph``: initializers and node attributes, subgraphs included
+    (an ``If`` branch holds its own initializers and constants)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _tensors(subgraph)
+
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse weights stored in files outside the model's own folder: an absolute location, a
+    ``..`` or a symbolic link leading out. Such a file, received from elsewhere, would make
+    loading it read whatever its author chose on this machine (``/dev/zero``, someone's keys)."""
+    folder = path.parent.resolve()
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder) or target == folder:
+            raise ModelFileError(
+                f"{path}: refused, the weights of {tensor.name!r} are stored in {location!r}, "
+                "which is not a file inside the model's own folder"
+            )
+
+
+def _declared_dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    """A graph input's or output's declared shape; ``None`` for a symbolic or unknown dim."""
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def _shown(dims: Sequence[int | None]) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims)
+
+
+def _mismatch(field_name: str, claimed: object, graph_part: str, actual: Sequence[int | None]) -> MetadataError:
+    return MetadataError(f"metadata field '{field_name}' is {claimed}, but the graph's {graph_part} is {_shown(actual)}")
+
+
+def check_graph_shapes(meta: ModelMetadata, model: onnx.ModelProto) -> None:
+    """The metadata against the graph it describes, which cannot lie about its own shapes:
+    pixel input ``[batch, 3, H, W]``, logits and class weights ``[batch, outputs]``,
+    attentions ``[layers, batch, heads, tokens, tokens]`` with tokens = prefix + grid cells.
+    Batch dims are symbolic and not compared. Each step trusts only what the steps before it
+    checked against the graph, so the message blames the right field: the grid is checked
+    against the (graph's) input size, class names against the (graph's) output count, and a
+    token mismatch left after that can only be the prefix count."""
+    shapes = {value.name: _declared_dims(value) for value in [*model.graph.input, *model.graph.output]}
+    pixels = shapes[INPUT_PIXELS]
+    if len(pixels) != 4 or tuple(pixels[1:]) != tuple(meta.preprocess.input_size):
+        raise _mismatch("preprocess.input_size", _shown(meta.preprocess.input_size), "pixel input (channels x H x W)", pixels[1:])
+    meta.check_layout()
+    for name in (OUTPUT_LOGITS, INPUT_CLASS_WEIGHTS):
+        dims = shapes[name]
+        if len(dims) != 2 or dims[1] != meta.num_outputs:
+            raise _mismatch("num_outputs", meta.num_outputs, f"{name!r} width", dims[1:])
+    meta.check_class_names()
+    attentions = shapes[OUTPUT_ATTENTIONS]
+    if len(attentions) != 5:
+        raise MetadataError(f"the graph's attentions are {_shown(attentions)}, not [layers, batch, heads, tokens, tokens]")
+    layers, _, heads, rows, columns = attentions
+    if layers != meta.num_layers:
+        raise _mismatch("num_layers", meta.num_layers, "attention layer count", [layers])
+    if heads != meta.num_heads:
+        raise _mismatch("num_heads", meta.num_heads, "attention head count", [heads])
+    if rows != columns or rows != meta.num_tokens:
+        grid = _shown(meta.grid_size)
+        raise _mismatch(
+            "num_prefix_tokens", f"{meta.num_prefix_tokens} (with the {grid} grid: {meta.num_tokens} tokens)",
+            "attention token count", [rows],
+        )
