@@ -221,7 +221,7 @@ def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, 
             progress.close()
     elapsed = time.perf_counter() - started
     if report:
-        _write_report(outcomes, problems, output_dir, explainer, settings)
+        _write_report(items, outcomes, problems, output_dir, explainer, settings)
     rate = counts["done"] / elapsed if elapsed > 0 and counts["done"] else 0.0
     failed = counts["failed"] + len(problems)
     summary = f"{counts['done']} done, {counts['skipped']} skipped, {failed} failed ({rate:.1f} img/s) -> {output_dir}"
@@ -230,14 +230,50 @@ def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, 
         sys.exit(1)
 
 
-def _write_report(outcomes, problems, output_dir: Path, explainer, settings) -> None:
+def _write_report(items, outcomes, problems, output_dir: Path, explainer, settings) -> None:
+    """report.html and the contact sheet(s); rows in input order (a resumed run yields its
+    skipped images first), inputs that were never found first of all.
+
+    A report that cannot be written is one Error line and exit code 1, not a traceback.
+    """
+    from .errors import OutputError
     from .outputs import ReportEntry, write_contact_sheet, write_html_report
     from .pipeline import report_entries
 
-    entries = [ReportEntry(source, None, error=reason) for source, reason in problems] + report_entries(outcomes)
+    position = {id(item): index for index, item in enumerate(items)}
+    ordered = sorted(outcomes, key=lambda outcome: position.get(id(outcome.item), len(position)))
+    entries = [ReportEntry(source, None, error=reason) for source, reason in problems]
+    entries += report_entries(ordered, report_dir=output_dir)
     title = f"vit-explain: {settings.method} with {explainer.metadata.source_model}"
-    write_html_report(output_dir / "report.html", entries, title)
-    write_contact_sheet(output_dir / "contact_sheet.png", entries, title=title)
+    context = _report_context(explainer.metadata, settings)
+    try:
+        write_html_report(output_dir / "report.html", entries, title, context)
+        write_contact_sheet(output_dir / "contact_sheet.png", entries, title=title, context=context)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise _fail(OutputError(f"cannot write the report in {output_dir}: {reason}")) from None
+
+
+def _report_context(meta, settings):
+    """The model and the settings a report shows above its maps, in words."""
+    from .outputs.report import ReportContext
+    from .runtime.rollout import CLASS_SPECIFIC_METHODS
+
+    if settings.categories:
+        explained = ", ".join(f"{i} ({meta.class_name(i)})" for i in settings.categories)
+    elif settings.method in CLASS_SPECIFIC_METHODS:
+        explained = "each image's top-1 class" if meta.output_kind == "logits" else "each image's own features"
+    else:
+        explained = "no class (the method is not class-specific)"
+    rows = (
+        ("method", settings.method),
+        ("head fusion", settings.head_fusion or "not used by this method"),
+        ("discard ratio", "not used by this method" if settings.discard_ratio is None else f"{settings.discard_ratio:g}"),
+        ("start layer", str(settings.start_layer)),
+        ("explained", explained),
+        ("overlay", f"colormap {settings.colormap}, alpha {settings.alpha:g}"),
+    )
+    return ReportContext(meta.source_model, meta.weights, rows, settings.colormap, meta.output_kind == "logits")
 
 
 # -- evaluate -----------------------------------------------------------------------------
