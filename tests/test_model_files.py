@@ -96,6 +96,9 @@ BAD_FIELDS = [
     ("output_kind", "probabilities"),
     ("pooling", "attention"),
     ("has_class_token", "yes"),
+    ("grid_size", "6x8"),  # was a tuple of characters
+    ("preprocess.mean", 0.5),  # was a TypeError about iteration, no field named
+    ("weights_sha256", 12345),
 ]
 
 

@@ -80,6 +80,14 @@ def _field_error(name: str, value: Any, problem: str) -> MetadataError:
     return MetadataError(f"metadata field '{name}' {problem} (got {shown})")
 
 
+def _as_tuple(name: str, value: Any) -> tuple:
+    """A JSON list as the tuple the dataclasses hold; a string or number there is named, not
+    turned into a tuple of characters or a TypeError about iteration."""
+    if not isinstance(value, list):
+        raise _field_error(name, value, "must be a list")
+    return tuple(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -183,6 +191,11 @@ class ModelMetadata:
                 raise _field_error(name, getattr(self, name), "must be a positive integer")
         _one_of("output_kind", self.output_kind, OUTPUT_KINDS)
         _one_of("pooling", self.pooling, POOLINGS)
+        for name in ("source_model", "weights", "weights_sha256", "package_version"):
+            if not isinstance(getattr(self, name), str):
+                raise _field_error(name, getattr(self, name), "must be a string")
+        if not _is_int(self.opset):
+            raise _field_error("opset", self.opset, "must be an integer")
         names = self.class_names
         if not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
             raise _field_error("class_names", names, "must be a list of strings")
@@ -242,12 +255,13 @@ class ModelMetadata:
             )
         try:
             pre = raw.pop("preprocess")
-            pre["input_size"] = tuple(pre["input_size"])
-            pre["mean"] = tuple(pre["mean"])
-            pre["std"] = tuple(pre["std"])
+            if not isinstance(pre, dict):
+                raise _field_error("preprocess", pre, "must be a JSON object")
+            for key in ("input_size", "mean", "std"):
+                pre[key] = _as_tuple(f"preprocess.{key}", pre[key])
             raw["preprocess"] = PreprocessConfig(**pre)
             for key in ("patch_size", "grid_size", "class_names"):
-                raw[key] = tuple(raw[key])
+                raw[key] = _as_tuple(key, raw[key])
             metadata = cls(**raw)
         except (KeyError, TypeError) as exc:
             raise MetadataError(f"metadata is incomplete or malformed: {exc}") from exc
