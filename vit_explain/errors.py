@@ -10,7 +10,8 @@ class VitExplainError(Exception):
 
 
 class ModelFileError(VitExplainError):
-    """The file is not a usable vit-explain model (missing, truncated, foreign ONNX, newer format)."""
+    """The file is not a usable vit-explain model (missing, truncated, foreign ONNX, newer format,
+    metadata that contradicts its own graph, weights stored outside its folder)."""
 
 
 class DeviceError(VitExplainError):
