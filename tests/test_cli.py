@@ -465,12 +465,12 @@ def test_interrupted_and_killed_runs_leave_no_half_files_and_resume(tmp_path, mo
     out = tmp_path / "out"
     args = (folder, "--model", model_path, "-o", out, "--batch-size", "2", "--threads", "1")
 
-    # Ctrl-C: click's "Aborted!", no traceback, no half files. The temp file being written is
+    # Ctrl-C: one "interrupted" line, exit code 130, no traceback, no half files. The temp file being written is
     # normally removed, but not always: a KeyboardInterrupt landing between the temp file's
     # creation and atomic_writer's try (files.py) leaves an empty hidden one (about 1 run in 8
     # here, as this test signals right when a temp file appears; see the report)
     code, stderr = _start_and_stop(args, out, signal.SIGINT, 3, tmp_path)
-    assert code == 1 and "Aborted!" in stderr and "Traceback" not in stderr, (code, stderr)
+    assert code == 130 and stderr.splitlines()[-1].startswith("interrupted: ") and "Traceback" not in stderr, (code, stderr)
     interrupted, interrupted_temps = _check_no_half_files(out)
     assert len(interrupted_temps) <= 1
     assert 3 <= len(interrupted) < total
@@ -489,7 +489,8 @@ def test_interrupted_and_killed_runs_leave_no_half_files_and_resume(tmp_path, mo
                            cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert summary(rerun.stderr) == (total - len(complete), len(complete), 0)
-    assert len(rerun.stderr.splitlines()) == 1, rerun.stderr
+    assert rerun.stderr.splitlines()[0] == f"{len(complete)} already done with the same settings; --overwrite redoes them"
+    assert len(rerun.stderr.splitlines()) == 2, rerun.stderr
     assert "\r" not in rerun.stderr and rerun.stdout == ""
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished images not redone
     complete_after, temps_after = _check_no_half_files(out)
@@ -866,6 +867,8 @@ def test_info_describes_the_model(model_path):
     assert fields["outputs"] == "1000 classes"
     assert fields["class names"].startswith("tench, Tinca tinca") and fields["class names"].endswith("(1000)")
     assert fields["layers"] == "2"
+    # the file's own hash, what `sha256sum` prints and a download page publishes
+    assert fields["file sha256"] == __import__("hashlib").sha256(model_path.read_bytes()).hexdigest()
 
 
 def test_info_usage_errors(tmp_path):
@@ -924,3 +927,176 @@ def test_cli_method_choices_are_the_runtime_methods():
 
     assert cli.METHODS == METHODS
     assert cli.HEAD_FUSIONS == HEAD_FUSIONS
+
+
+# --------------------------------------------------------------------------- #
+# The first run: inputs before the model, messages whose commands run as written
+# --------------------------------------------------------------------------- #
+
+
+def _record_exports(monkeypatch) -> list:
+    """Make ``vit-explain export`` record what it would export instead of exporting (torch-free)."""
+    import vit_explain.export
+
+    calls = []
+
+    def fake_export(spec, output, **kwargs):
+        calls.append((spec, Path(output)))
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_bytes(b"")
+        return type("Result", (), {"path": Path(output)})()
+
+    monkeypatch.setattr(vit_explain.export, "export_model", fake_export)
+    return calls
+
+
+def _run_suggestion(message: str, checkpoint: Path, monkeypatch) -> Path:
+    """Run the ``vit-explain export ...`` a message suggests (PATH / MODEL_NAME filled in) and
+    return the file its ``--model`` part names: the export writes exactly that file."""
+    import shlex
+
+    command = re.search(r"vit-explain (export [^,(]+)", message).group(1)
+    argv = shlex.split(command.replace("PATH", shlex.quote(str(checkpoint))).replace("MODEL_NAME", MODEL_NAME))
+    calls = _record_exports(monkeypatch)
+    result = cli(*argv)
+    assert result.exit_code == 0, result.output
+    model_file = Path(shlex.split(re.search(r"--model (.+)$", message).group(1))[0])
+    assert len(calls) == 1 and calls[0][0].weights == str(checkpoint) and calls[0][1] == model_file
+    return model_file
+
+
+def test_missing_input_fails_before_the_model_is_resolved(tmp_path, monkeypatch):
+    import vit_explain.model_store
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was resolved before the inputs were checked")
+
+    monkeypatch.setattr(vit_explain.model_store, "resolve_model", no_model)
+    result = cli("explain", tmp_path / "photo.jpg", "-o", tmp_path / "out")
+    assert_no_traceback(result)
+    assert result.exit_code == 1 and "Error: no images to explain" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_message_suggests_commands_that_run(tmp_path, monkeypatch):
+    """The default model offline (the hub is unreachable here): one instruction, export with
+    local weights then --model that file, and both halves run as written."""
+    pytest.importorskip("timm")
+    _offline(monkeypatch)
+    image = save_image(tmp_path / "cat.png")
+    monkeypatch.chdir(tmp_path)
+    result = cli("explain", image, "-o", tmp_path / "out", env={"VIT_EXPLAIN_CACHE": str(tmp_path / "cache")})
+    assert_no_traceback(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    # one instruction: --weights goes to export (explain has no such option), then --model FILE
+    assert errors[0].count("--weights") == 1 and errors[0].count("vit-explain ") == 1, errors[0]
+    checkpoint = tmp_path / "my weights.safetensors"
+    checkpoint.write_bytes(b"x")
+    model_file = _run_suggestion(errors[0], checkpoint, monkeypatch)
+    assert model_file == Path(f"{MODEL_NAME}.onnx")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("vit.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}"),
+    ("vit.pth", b"PK\x03\x04rest"),
+    ("downloaded_weights", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}"),  # no suffix: by content
+    ("old.bin", b"\x80\x02}q\x00."),
+])
+def test_checkpoint_given_as_model_says_how_to_export_it(tmp_path, monkeypatch, name, content):
+    checkpoint = tmp_path / name
+    checkpoint.write_bytes(content)
+    image = save_image(tmp_path / "cat.png")
+    for args in (("explain", image, "--model", checkpoint, "-o", tmp_path / "out"), ("info", checkpoint)):
+        result = cli(*args)
+        assert_no_traceback(result)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert "is a PyTorch checkpoint, not an exported model" in lines[0] and "Wire format" not in lines[0]
+    assert _run_suggestion(lines[0], checkpoint, monkeypatch) == checkpoint.with_suffix(".onnx")
+
+
+def _no_work(monkeypatch) -> None:
+    import vit_explain.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("images were explained although the output folder cannot be written")
+
+    monkeypatch.setattr(vit_explain.pipeline, "explain_images", refuse)
+
+
+def test_output_folder_in_a_file_is_one_line(tmp_path, model_path, monkeypatch):
+    _no_work(monkeypatch)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    image = save_image(tmp_path / "cat.png")
+    result = cli("explain", image, "--model", model_path, "-o", blocker / "sub")
+    assert_no_traceback(result)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines == [f"Error: cannot write to {blocker / 'sub'}: {blocker} is not a folder"]
+    result = cli("explain", image, "--model", model_path, "-o", blocker)  # click's own check: a usage error
+    assert_no_traceback(result)
+    assert result.exit_code == 2 and len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) == 1
+
+
+def test_full_or_forbidden_output_folder_is_one_line(tmp_path, model_path, monkeypatch):
+    import errno
+
+    import vit_explain.cli
+
+    _no_work(monkeypatch)
+    image = save_image(tmp_path / "cat.png")
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+        def failing(*args, code=code, **kwargs):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(vit_explain.cli.tempfile, "TemporaryFile", failing)
+        result = cli("explain", image, "--model", model_path, "-o", tmp_path / "out", "-q")
+        assert_no_traceback(result)
+        assert result.exit_code == 1 and result.output.strip() == f"Error: cannot write to {tmp_path / 'out'}: {os.strerror(code)}"
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs, which refuses new folders")
+def test_output_folder_the_system_refuses_is_one_line(tmp_path, model_path, monkeypatch):
+    _no_work(monkeypatch)
+    result = cli("explain", save_image(tmp_path / "cat.png"), "--model", model_path, "-o", "/sys/kernel/vit-explain-out")
+    assert_no_traceback(result)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: cannot write to /sys/kernel/vit-explain-out")
+
+
+def test_odd_inputs_are_explained_with_a_notice(tmp_path, model_path):
+    frames = [smooth_image(300, 260, seed=s) for s in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    tiny = save_image(tmp_path / "tiny.png", 40, 30)
+    normal = save_image(tmp_path / "normal.png", 300, 260)
+    result = cli("explain", tmp_path / "anim.gif", tiny, normal, "--model", model_path, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert f"{tmp_path / 'anim.gif'}: animated image (3 frames): the first frame is explained" in lines
+    assert f"{tiny}: 40x30 is far smaller than the model's 224x224 input: upscaled about 7x" in lines
+    assert not [line for line in lines if line.startswith(str(normal))]
+    assert summary(result.stderr) == (3, 0, 0)
+    quiet = cli("explain", tiny, "--model", model_path, "-o", tmp_path / "out2", "-q")
+    assert quiet.stderr.splitlines() == [line for line in quiet.stderr.splitlines() if SUMMARY.search(line)]
+
+
+def test_every_option_has_help_and_the_command_list_is_whole():
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param, __import__("click").Option):
+                assert param.help, f"{name} {param.opts} has no description"
+    listing = cli("--help").stdout.split("Commands:")[1]
+    for name, command in main.commands.items():
+        first = " ".join(command.help.strip().splitlines()[0].split())
+        assert first in " ".join(listing.split()).replace("- ", "-"), name
+    assert "..." not in listing
+
+
+def test_export_help_shows_the_real_default(tmp_path, monkeypatch):
+    from vit_explain.export import ModelSpec, default_output_path
+
+    text = " ".join(cli("export", "--help").stdout.split())
+    assert "models/MODEL_NAME.onnx, with _HxW for --img-size and _random<seed> or _<checkpoint name> for --weights" in text
+    assert default_output_path(ModelSpec(MODEL_NAME)) == Path(f"models/{MODEL_NAME}.onnx")
+    assert default_output_path(ModelSpec(MODEL_NAME, weights="random", img_size=(96, 128))) == Path(f"models/{MODEL_NAME}_96x128_random0.onnx")

@@ -256,9 +256,13 @@ def test_resolve_settings_per_method(bare_explainer):
     assert resolve(None, None, None, False) == ("rollout", "max", 0.9)
     assert resolve(None, None, None, True) == ("grad_rollout", "mean", 0.9)
     assert resolve("gae", None, None, True) == ("gae", None, None)
-    # Not-applicable settings are ignored (callers pass their usual defaults) and recorded as None.
-    assert resolve("gae", "max", 0.9, False) == ("gae", None, None)
-    assert resolve("attention", None, 0.9, False) == ("attention", "mean", None)
+    # A setting the method does not use is refused with the reason, as the CLI refuses the flag.
+    with pytest.raises(ValueError, match="head_fusion and discard_ratio do not apply to gae: GAE averages"):
+        resolve("gae", "max", 0.9, False)
+    with pytest.raises(ValueError, match="head_fusion does not apply to gae"):
+        resolve("gae", "min", None, True)
+    with pytest.raises(ValueError, match="discard_ratio does not apply to attention: last-layer"):
+        resolve("attention", None, 0.9, False)
     assert resolve("attention", "max", None, False) == ("attention", "max", None)
     assert DEFAULT_HEAD_FUSION["gae"] is None
     with pytest.raises(ValueError, match="gae, attention"):

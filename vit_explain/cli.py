@@ -6,14 +6,20 @@ about models, images or exports is one ``Error:`` line with exit code 1; never a
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import VitExplainError
+from .errors import OutputError, VitExplainError
 
 HEAD_FUSIONS = ("mean", "min", "max")
 METHODS = ("rollout", "grad_rollout", "gae", "attention")  # kept literal: importing the runtime is slower
@@ -27,7 +33,30 @@ def _fail(exc: Exception) -> click.ClickException:
     return _UserError(str(exc))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C in any command: one ``interrupted`` line and exit code 130 (128 + SIGINT, what a
+    shell reports), instead of click's ``Aborted!`` with exit code 1."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command with the whole first line of its help (click cuts it at ~45 characters)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.short_help or (command.help or "").strip().splitlines()[0]))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vit-explain")
 def main() -> None:
     """Where did the Vision Transformer look? Attention Rollout and Gradient Rollout, fast."""
@@ -51,7 +80,7 @@ def _img_size(_ctx, _param, value: str | None) -> tuple[int, int] | None:
 @click.option("--img-size", callback=_img_size, metavar="N|HxW", help="Input size, e.g. 384 or 224x320 (height x width).")
 @click.option("--num-classes", type=click.IntRange(min=0), help="Classifier size for a fine-tuned checkpoint (0: no head, explain features).")
 @click.option("--class-names", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text file, one class name per line.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write the model [default: models/<name>.onnx].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write the model [default: models/MODEL_NAME.onnx, with _HxW for --img-size and _random<seed> or _<checkpoint name> for --weights].")
 @click.option("--opset", type=click.IntRange(18, 23), default=20, show_default=True, help="ONNX opset.")
 def export(model_name, weights, seed, img_size, num_classes, class_names, output, opset) -> None:
     """Export a timm Vision Transformer (MODEL_NAME) to a checked vit-explain ONNX model."""
@@ -76,9 +105,11 @@ def export(model_name, weights, seed, img_size, num_classes, class_names, output
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def info(model: Path) -> None:
     """Print what an exported model is: source, input size, preprocessing, token layout, classes."""
+    from .model_store import check_not_checkpoint
     from .runtime.session import ModelSession
 
     try:
+        check_not_checkpoint(model)
         session = ModelSession(model, device="cpu")
     except VitExplainError as exc:
         raise _fail(exc) from None
@@ -89,6 +120,18 @@ def info(model: Path) -> None:
         shown = ", ".join(meta.class_names[:5]) + (", ..." if len(meta.class_names) > 5 else "")
         click.echo(f"{'class names':>15}: {shown} ({len(meta.class_names)})")
     click.echo(f"{'file':>15}: {model} ({model.stat().st_size / 1e6:.1f} MB)")
+    # What people compare with a published hash (sha256sum): changes with any byte of the file.
+    click.echo(f"{'file sha256':>15}: {_file_sha256(model)}")
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # -- explain ------------------------------------------------------------------------------
@@ -96,7 +139,8 @@ def info(model: Path) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-m", "--model", default=None, metavar="FILE|NAME",
               help="An exported .onnx file, or a timm model name (exported once into the cache). [default: deit_tiny_patch16_224]")
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-out"), show_default=True)
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-out"), show_default=True,
+              help="Folder for the maps (created; checked writable before any work).")
 @click.option("--method", type=click.Choice(METHODS), help="Default: rollout, or grad_rollout when --category-index is given.")
 @click.option("--head-fusion", type=click.Choice(HEAD_FUSIONS), help="Default: max for rollout, mean for grad_rollout and attention.")
 @click.option("--discard-ratio", type=click.FloatRange(0.0, 1.0, max_open=True),
@@ -105,14 +149,16 @@ def info(model: Path) -> None:
               help="Skip the first K layers (rollout, grad_rollout, gae).")
 @click.option("--category-index", "category_index", type=click.IntRange(min=0), multiple=True,
               help="Class to explain (repeatable: one map per class). Implies grad_rollout.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images explained together (memory grows with it).")
 @click.option("--format", "formats", type=click.Choice(["png", "npy", "json"]), multiple=True,
               help="Outputs to write (repeatable). [default: png, npy and json]")
 @click.option("--colormap", default="jet", show_default=True, help="Any matplotlib colormap name.")
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Weight of the heat map in the overlay.")
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist (default: skip them, so a rerun resumes).")
 @click.option("--report", is_flag=True, help="Also write report.html and contact_sheet.png in the output directory.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where onnxruntime runs: auto takes CUDA when onnxruntime-gpu and a GPU are there.")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [default: onnxruntime's choice].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-image messages.")
 def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start_layer, category_index, batch_size,
@@ -131,21 +177,80 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
     if colormap not in available_colormaps():
         raise click.BadParameter(f"unknown colormap {colormap!r} (for example: jet, viridis, inferno, turbo)", param_hint="--colormap")
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
-    explainer = _open_explainer(model, device, threads, say)
-    meta = explainer.metadata
-    categories = _check_categories(category_index, meta)
-    method, head_fusion, discard_ratio = _resolve_method(explainer, method, head_fusion, discard_ratio, start_layer, categories)
-    settings = ExplainSettings(
-        method, head_fusion, discard_ratio, categories, "top1" if meta.output_kind == "logits" else "features",
-        tuple(formats) or FORMATS, colormap, alpha, overwrite, start_layer, meta.weights_sha256,
-    )
+    with _interrupts_stop_cleanly():
+        # Everything that needs no model first: a typo must not wait for a model download.
+        chosen = _check_method_flags(method, head_fusion, discard_ratio, start_layer, category_index)
+        items, problems = discover_images(list(inputs), exclude=[output_dir])
+        for source, reason in problems:
+            click.echo(f"skipping {source}: {reason}", err=True)
+        if not items:
+            raise _fail(VitExplainError("no images to explain"))
+        _check_output_dir_early(output_dir)
+        with _open_explainer(model, device, threads, say) as explainer:
+            meta = explainer.metadata
+            categories = _check_categories(category_index, meta)
+            method, head_fusion, discard_ratio = _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories)
+            settings = ExplainSettings(
+                method, head_fusion, discard_ratio, categories, "top1" if meta.output_kind == "logits" else "features",
+                tuple(formats) or FORMATS, colormap, alpha, overwrite, start_layer, meta.weights_sha256,
+            )
+            _check_output_dir(output_dir)
+            _run_explain(explainer, items, output_dir, settings, batch_size, report, quiet, problems)
 
-    items, problems = discover_images(list(inputs), exclude=[output_dir])
-    for source, reason in problems:
-        click.echo(f"skipping {source}: {reason}", err=True)
-    if not items:
-        raise _fail(VitExplainError("no images to explain"))
-    _run_explain(explainer, items, output_dir, settings, batch_size, report, quiet, problems)
+
+class _Interrupted(Exception):
+    """Ctrl-C, once the work in flight has stopped: what was done is said on one line."""
+
+
+def _stop_on_first_interrupt(signum, frame) -> None:
+    """The first Ctrl-C raises KeyboardInterrupt; later ones are ignored until the process ends,
+    so the cleanup (waiting for the worker threads' current graph calls) is never cut short: a
+    process that exits while onnxruntime still runs on a worker can abort ("terminate called
+    without an active exception", exit 134) instead of stopping cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_stop_cleanly() -> Iterator[None]:
+    """Ctrl-C: workers stopped (the ``with`` blocks inside close them), one ``interrupted`` line,
+    exit code 130 (128 + SIGINT, as shells report it)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _stop_on_first_interrupt) if main_thread else None
+    try:
+        yield
+    except (KeyboardInterrupt, _Interrupted) as exc:
+        detail = str(exc) if isinstance(exc, _Interrupted) else ""
+        click.echo(f"interrupted{': ' + detail if detail else ''}", err=True)
+        sys.exit(130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _check_output_dir_early(output_dir: Path) -> None:
+    """Before the model is resolved (perhaps a download): the nearest existing folder must be a
+    folder this user may write in. Creates nothing, so a refused run leaves no trace."""
+    existing = output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _fail(OutputError(f"cannot write to {output_dir}: {existing} is not a folder"))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _fail(OutputError(f"cannot write to {output_dir}: {existing} is not writable"))
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Just before the work: create the folder and write (and remove) a small probe file, so a
+    read-only, full or forbidden folder is one line now rather than a failure for every image."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir, prefix=".vit-explain-probe-") as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise _fail(OutputError(f"cannot write to {output_dir}: {exc.strerror or exc}")) from None
 
 
 def _open_explainer(model: str | None, device: str, threads: int | None, say):
@@ -169,9 +274,10 @@ def _check_categories(category_index: tuple[int, ...], meta) -> tuple[int, ...] 
     return tuple(category_index) or None
 
 
-def _resolve_method(explainer, method, head_fusion, discard_ratio, start_layer, categories):
-    """Defaults per method; a flag the chosen method does not use is a usage error, not ignored."""
-    from .runtime.explainer import USES_DISCARD_RATIO, USES_HEAD_FUSION, USES_START_LAYER
+def _check_method_flags(method, head_fusion, discard_ratio, start_layer, categories) -> str:
+    """The method, and a usage error for a flag it does not use (with the reason, the rule
+    ``Explainer.resolve_settings`` applies in Python): checked before any model is opened."""
+    from .runtime.explainer import USES_DISCARD_RATIO, USES_HEAD_FUSION, USES_START_LAYER, WHY_UNUSED
     from .runtime.rollout import CLASS_SPECIFIC_METHODS
 
     chosen = method or ("grad_rollout" if categories else "rollout")
@@ -185,7 +291,13 @@ def _resolve_method(explainer, method, head_fusion, discard_ratio, start_layer, 
         ) if given and chosen not in users
     ]
     if unused:
-        raise click.BadParameter(f"{', '.join(unused)} does not apply to {chosen}", param_hint="--method")
+        verb = "do" if len(unused) > 1 else "does"
+        raise click.BadParameter(f"{' and '.join(unused)} {verb} not apply to {chosen}: {WHY_UNUSED[chosen]}", param_hint="--method")
+    return chosen
+
+
+def _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories):
+    """Defaults per method, once the model is known (its layer count bounds --start-layer)."""
     if start_layer >= explainer.metadata.num_layers:
         raise click.BadParameter(f"the model has {explainer.metadata.num_layers} layers (0..{explainer.metadata.num_layers - 1})", param_hint="--start-layer")
     return explainer.resolve_settings(chosen, head_fusion, discard_ratio, bool(categories))
@@ -204,21 +316,31 @@ def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, 
         from tqdm import tqdm
 
         progress = tqdm(total=len(items), unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress.write(message, file=sys.stderr)
+        else:
+            click.echo(message, err=True)
+
+    notify = (lambda message: None) if quiet else say
+    running = explain_images(explainer, items, output_dir, settings, batch_size, notify=notify)
     try:
-        for outcome in explain_images(explainer, items, output_dir, settings, batch_size):
-            counts[outcome.status] += 1
-            outcomes.append(outcome)
-            if outcome.status == "failed":
-                message = f"failed: {outcome.error}"
+        with contextlib.closing(running):  # Ctrl-C: the generator's file pool is shut down here
+            for outcome in running:
+                counts[outcome.status] += 1
+                outcomes.append(outcome)
+                if outcome.status == "failed":
+                    say(f"failed: {outcome.error}")
                 if progress is not None:
-                    progress.write(message, file=sys.stderr)
-                else:
-                    click.echo(message, err=True)
-            if progress is not None:
-                progress.update(1)
+                    progress.update(1)
+    except KeyboardInterrupt:
+        raise _Interrupted(f"{counts['done']} done; a rerun skips them and goes on") from None
     finally:
         if progress is not None:
             progress.close()
+    if counts["skipped"] and not quiet:
+        click.echo(f"{counts['skipped']} already done with the same settings; --overwrite redoes them", err=True)
     elapsed = time.perf_counter() - started
     if report:
         _write_report(items, outcomes, problems, output_dir, explainer, settings)
@@ -290,12 +412,15 @@ def _report_context(meta, settings):
               help="As for explain, given to rollout, grad_rollout and gae.")
 @click.option("--category-index", type=click.IntRange(min=0), help="Class whose probability is scored [default: each image's top-1].")
 @click.option("--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Deletion/insertion steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per forward pass of the perturbed copies.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-map baseline.")
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-eval"), show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1))
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-eval"), show_default=True,
+              help="Folder for evaluation.csv, evaluation.json and evaluation.png.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where onnxruntime runs: auto takes CUDA when onnxruntime-gpu and a GPU are there.")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [default: onnxruntime's choice].")
+@click.option("-q", "--quiet", is_flag=True, help="Only the table of results, no progress messages.")
 def evaluate(inputs, model, methods, head_fusion, discard_ratio, start_layer, category_index, steps, batch_size, seed,
              output_dir, device, threads, quiet) -> None:
     """How faithful is each map? Deletion/insertion curves and positive/negative perturbation AUCs.

@@ -8,12 +8,16 @@ torch and timm (the ``export`` extra); the runtime alone can only use existing f
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ExportError, ModelFileError
+from .errors import ExportError, ModelFileError, WeightsUnavailableError
 
-__all__ = ["DEFAULT_MODEL", "CACHE_ENV", "cache_dir", "cached_model_path", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "CACHE_ENV", "cache_dir", "cached_model_path", "check_not_checkpoint", "resolve_model"]
+
+#: File name endings of PyTorch weights (what people download beside a model card).
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 #: As in the original tool, a DeiT-tiny explains when no model is named.
 DEFAULT_MODEL = "deit_tiny_patch16_224"
@@ -34,7 +38,34 @@ def cached_model_path(name: str) -> Path:
 
 
 def _looks_like_file(model: str) -> bool:
-    return model.endswith(".onnx") or os.sep in model or "/" in model or Path(model).exists()
+    return (
+        model.endswith((".onnx", *CHECKPOINT_SUFFIXES)) or os.sep in model or "/" in model or Path(model).exists()
+    )
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """By name, or by content: a safetensors header (8-byte length, then JSON), a zip (what
+    ``torch.save`` writes) or a pickle. An ONNX file is a protobuf and starts otherwise."""
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(10)
+    except OSError:
+        return False
+    return head[8:10] == b'{"' or head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def check_not_checkpoint(path: Path) -> None:
+    """Refuse a PyTorch checkpoint given where an exported model belongs, with the command that
+    exports it: onnxruntime would otherwise only say "Wire format was corrupt"."""
+    if _is_checkpoint(path):
+        onnx_path = shlex.quote(str(path.with_suffix(".onnx")))
+        raise ModelFileError(
+            f"{path} is a PyTorch checkpoint, not an exported model; export it first: "
+            f"vit-explain export MODEL_NAME --weights {shlex.quote(str(path))} -o {onnx_path} "
+            f"(MODEL_NAME: its timm architecture), then use --model {onnx_path}"
+        )
 
 
 def resolve_model(model: str, notify: Callable[[str], None] = lambda message: None) -> Path:
@@ -43,6 +74,7 @@ def resolve_model(model: str, notify: Callable[[str], None] = lambda message: No
         path = Path(model)
         if not path.is_file():
             raise ModelFileError(f"model file not found: {path}")
+        check_not_checkpoint(path)
         return path
     path = cached_model_path(model)
     if path.is_file():
@@ -57,8 +89,18 @@ def resolve_model(model: str, notify: Callable[[str], None] = lambda message: No
     notify(f"exporting {model} to {path} (once; later runs reuse it)")
     try:
         export_model(ModelSpec(model, weights="pretrained"), path)
-    except ExportError as exc:
-        raise ExportError(
-            f"{exc}. To use local weights: vit-explain export {model} --weights PATH, then --model <that file>"
-        ) from None
+    except WeightsUnavailableError as exc:
+        raise WeightsUnavailableError(_offline_message(model, exc)) from None
     return path
+
+
+def _offline_message(model: str, exc: WeightsUnavailableError) -> str:
+    """One instruction that runs as written (PATH: the user's checkpoint): ``explain`` has no
+    ``--weights``, so the route is export with local weights, then ``--model`` that file."""
+    cause = type(exc.__context__).__name__ if exc.__context__ is not None else "offline?"
+    onnx_path = shlex.quote(f"{model}.onnx")
+    return (
+        f"{model} is not exported yet and its pretrained weights cannot be downloaded ({cause}). "
+        f"With a local checkpoint: vit-explain export {model} --weights PATH -o {onnx_path}, "
+        f"then use --model {onnx_path}"
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from .errors import ImageError
 from .outputs import InputImage, ReportEntry, output_stem, overlay, save_json, save_npy, save_png
 from .outputs.placement import model_box
 from .runtime import Explainer
-from .runtime.images import load_image
+from .runtime.images import input_notices, load_image
 from .runtime.rollout import CLASS_SPECIFIC_METHODS
 
 __all__ = ["FORMATS", "ExplainSettings", "ImageOutcome", "explain_images", "map_label", "outputs_for", "report_entries"]
@@ -114,8 +114,13 @@ def explain_images(
     output_dir: Path,
     settings: ExplainSettings,
     batch_size: int = 8,
+    notify: Callable[[str], None] = lambda message: None,
 ) -> Iterator[ImageOutcome]:
-    """Explain ``items`` in batches, yielding one outcome per image as soon as it is written."""
+    """Explain ``items`` in batches, yielding one outcome per image as soon as it is written.
+
+    ``notify`` gets one line per odd input that is still explained (an animated image's first
+    frame, an image far smaller than the model's input), so nothing is changed silently.
+    Closing the generator (Ctrl-C) cancels the queued file work and waits for the running part."""
     pending: list[tuple[InputImage, dict[str, Path]]] = []
     for item in items:
         try:
@@ -131,16 +136,21 @@ def explain_images(
     # Decoding photos and encoding their full-size overlay PNGs take far longer than the graph
     # (about 50 ms and 300 ms for a 4-megapixel photo, against ~20 ms of graph per image), and
     # Pillow releases the GIL in both: a pool as wide as the explainer's spreads them over the cores.
-    with ThreadPoolExecutor(max(1, explainer.workers), thread_name_prefix="vit-explain-files") as pool:
+    pool = ThreadPoolExecutor(max(1, explainer.workers), thread_name_prefix="vit-explain-files")
+    try:
         for batch in _batches(pending, batch_size):
             loaded: list[tuple[InputImage, dict[str, Path], Image.Image]] = []
             for (item, files), image in zip(batch, pool.map(_load_or_error, [item for item, _ in batch])):
                 if isinstance(image, ImageError):
                     yield ImageOutcome(item, "failed", str(image))
                 else:
+                    for notice in input_notices(image, explainer.metadata.preprocess.input_size[1:]):
+                        notify(f"{item.path}: {notice}")
                     loaded.append((item, files, image))
             if loaded:
                 yield from _explain_batch(explainer, loaded, settings, pool)
+    finally:  # also on Ctrl-C or an early close: queued writes are dropped, a rerun redoes them
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _load_or_error(item: InputImage) -> Image.Image | ImageError:

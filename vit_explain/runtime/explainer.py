@@ -35,6 +35,7 @@ __all__ = [
     "USES_HEAD_FUSION",
     "USES_DISCARD_RATIO",
     "USES_START_LAYER",
+    "WHY_UNUSED",
     "Explanation",
     "Explainer",
     "softmax",
@@ -48,6 +49,11 @@ DEFAULT_DISCARD_RATIO = 0.9
 #: Methods that take a head fusion, and those that take a discard ratio; others record ``None``.
 USES_HEAD_FUSION = ("rollout", "grad_rollout", "attention")
 USES_DISCARD_RATIO = ("rollout", "grad_rollout")
+#: Why a method refuses a setting it does not use (the Python error and the CLI's say it).
+WHY_UNUSED = {
+    "gae": "GAE averages the positive part of gradient x attention over the heads and discards nothing",
+    "attention": "last-layer attention reads the last layer alone, with nothing discarded",
+}
 #: Methods that propagate through the layers and so accept ``start_layer``.
 USES_START_LAYER = ("rollout", "grad_rollout", "gae")
 
@@ -180,6 +186,7 @@ class Explainer:
         # graph's thread count (8 at most) spreads them over the cores.
         self.workers = max(1, min(8, threads or os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vit-explain") if self.workers > 1 else None
+        self._closed = False
 
     # -- inputs -------------------------------------------------------------------------
     def preprocess(self, inputs: Sequence[ImageInput] | ImageInput, serial: bool = False) -> np.ndarray:
@@ -215,24 +222,48 @@ class Explainer:
         """Defaults as the original tool: a category means gradient rollout.
 
         A setting the method does not use (head fusion for ``gae``, discard ratio for ``gae`` and
-        ``attention``) is ignored and returned as ``None``, so callers may pass their usual
-        defaults whatever the method.
+        ``attention``) is refused with the reason, as the CLI refuses the flag: silently dropping
+        it would record and report a map computed differently from what the caller asked for.
         """
         method = method or ("grad_rollout" if has_category else "rollout")
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        unused = [
+            name for name, given, users in (
+                ("head_fusion", head_fusion is not None, USES_HEAD_FUSION),
+                ("discard_ratio", discard_ratio is not None, USES_DISCARD_RATIO),
+            ) if given and method not in users
+        ]
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} {'do' if len(unused) > 1 else 'does'} not apply to {method}: {WHY_UNUSED[method]}")
         if method in USES_HEAD_FUSION:
             head_fusion = head_fusion or DEFAULT_HEAD_FUSION[method]
             if head_fusion not in HEAD_FUSIONS:
                 raise ValueError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, not {head_fusion!r}")
-        else:
-            head_fusion = None
         if method not in USES_DISCARD_RATIO:
             return method, head_fusion, None
         discard_ratio = DEFAULT_DISCARD_RATIO if discard_ratio is None else float(discard_ratio)
         if not 0.0 <= discard_ratio < 1.0:
             raise ValueError(f"discard ratio must be in [0, 1), not {discard_ratio}")
         return method, head_fusion, discard_ratio
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker threads: queued work is cancelled, running work is waited for.
+
+        Why: a worker still inside an onnxruntime call when the interpreter exits (after Ctrl-C,
+        say) can meet onnxruntime's threads being torn down and abort the process (``terminate
+        called without an active exception``, exit 134). Idempotent; ``explain`` after ``close``
+        raises RuntimeError."""
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "Explainer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # -- the job --------------------------------------------------------------------------
     def explain(
@@ -252,12 +283,14 @@ class Explainer:
         classifier head: the direction of its own output features). ``start_layer`` leaves the
         first layers out of rollout, gradient rollout and GAE (0 <= start_layer < layers).
         """
+        if self._closed:
+            raise RuntimeError("this Explainer is closed")
         method, head_fusion, discard_ratio = self.resolve_settings(method, head_fusion, discard_ratio, category_index is not None)
         meta = self.metadata
         if method in USES_START_LAYER:
             start_layer = check_start_layer(start_layer, meta.num_layers)
         elif start_layer != 0:
-            raise ValueError(f"start layer applies to {', '.join(USES_START_LAYER)}, not to {method}")
+            raise ValueError(f"start_layer does not apply to {method}: {WHY_UNUSED[method]}")
         if isinstance(inputs, np.ndarray):
             inputs = self._pixels(inputs)  # shape checked before any work
         elif isinstance(inputs, (str, os.PathLike, Image.Image)):

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from vit_explain.errors import ImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "BACKGROUND", "load_image", "is_image_file", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "BACKGROUND", "NOTICE_KEY", "SMALL_INPUT_FACTOR", "input_notices", "load_image", "is_image_file", "to_rgb"]
 
 #: Largest image (width * height) accepted by default: Pillow's own hard limit
 #: (twice ``Image.MAX_IMAGE_PIXELS``), so a 100-megapixel photo still loads.
@@ -45,6 +45,14 @@ _PLUGIN_HINTS = {
     suffix: f" (Pillow reads {suffix[1:].upper()} with the pillow-heif plugin: pip install pillow-heif)"
     for suffix in (".heic", ".heif")
 }
+
+#: Where :func:`load_image` records, in the returned image's ``info``, what it did that a user
+#: would not expect (a tuple of one-line notices): the runtime prints nothing itself.
+NOTICE_KEY = "vit_explain.notices"
+
+#: An image whose width or height is below the model input's divided by this is "far smaller":
+#: it is upscaled that much or more, and the model sees mostly interpolation.
+SMALL_INPUT_FACTOR = 2
 
 _HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -138,7 +146,11 @@ def _load_path(path: str, max_pixels: int | None, target_size: tuple[int, int] |
                     side = max(1, int(max(target_size)))
                     img.draft(None, (side, side))
                 img.load()  # decode now, inside the try: truncation surfaces here
-                return _finish(img)
+                frames = getattr(img, "n_frames", 1)
+                rgb = _finish(img)
+                if frames > 1:
+                    rgb.info[NOTICE_KEY] = (f"animated image ({frames} frames): the first frame is explained",)
+                return rgb
     except ImageError:
         raise
     except FileNotFoundError as exc:
@@ -156,6 +168,19 @@ def _load_path(path: str, max_pixels: int | None, target_size: tuple[int, int] |
         raise ImageError(f"cannot read image {path}: out of memory while decoding it") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageError(f"cannot read image {path}: {_one_line(exc)}") from exc
+
+
+def input_notices(image: Image.Image, model_size: tuple[int, int]) -> list[str]:
+    """One-line notices for an input that is explained, but not as a user might assume: those
+    :func:`load_image` recorded, and an image far smaller than the model's ``(height, width)``
+    input (upscaled by :data:`SMALL_INPUT_FACTOR` or more)."""
+    notices = list(image.info.get(NOTICE_KEY, ()))
+    width, height = image.size
+    model_h, model_w = (int(side) for side in model_size)
+    if width * SMALL_INPUT_FACTOR <= model_w or height * SMALL_INPUT_FACTOR <= model_h:
+        factor = max(model_w / width, model_h / height)
+        notices.append(f"{width}x{height} is far smaller than the model's {model_w}x{model_h} input: upscaled about {factor:.0f}x")
+    return notices
 
 
 def _check_size(img: Image.Image, path: str, max_pixels: int | None) -> None:
