@@ -385,3 +385,30 @@ def test_imports_no_torch() -> None:
         "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_animated_image_records_a_first_frame_notice(tmp_path: Path) -> None:
+    from vit_explain.runtime.images import NOTICE_KEY, input_notices
+
+    frames = [Image.new("RGB", (240, 240), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    image = load_image(tmp_path / "anim.gif")
+    assert image.getpixel((0, 0)) == (255, 0, 0)  # the first frame
+    assert image.info[NOTICE_KEY] == ("animated image (3 frames): the first frame is explained",)
+    assert input_notices(image, (224, 224)) == ["animated image (3 frames): the first frame is explained"]
+    frames[0].save(tmp_path / "still.gif")
+    assert input_notices(load_image(tmp_path / "still.gif"), (224, 224)) == []
+
+
+@pytest.mark.parametrize("size, model_size, expected", [
+    ((40, 30), (224, 224), "40x30 is far smaller than the model's 224x224 input: upscaled about 7x"),
+    ((112, 300), (224, 224), "112x300 is far smaller than the model's 224x224 input: upscaled about 2x"),
+    ((113, 300), (224, 224), None),  # less than twice: no notice
+    ((70, 200), (96, 128), None),  # model size is (height, width)
+    ((63, 200), (96, 128), "63x200 is far smaller than the model's 128x96 input: upscaled about 2x"),
+])
+def test_far_smaller_image_gets_an_upscaling_notice(size, model_size, expected) -> None:
+    from vit_explain.runtime.images import input_notices
+
+    notices = input_notices(Image.new("RGB", size), model_size)
+    assert notices == ([] if expected is None else [expected])
