@@ -169,19 +169,27 @@ def test_explaining_a_panorama_paints_only_its_middle_third(export_family, tmp_p
     thirds = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
     path = tmp_path / "triple.png"
     Image.fromarray(np.concatenate(thirds, axis=1)).save(path)
+    # the same panorama as a phone stores it: sideways, with EXIF orientation 6 ("rotate to show")
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(path).transpose(Image.Transpose.ROTATE_90).save(rotated, quality=95, exif=exif)
     settings = ExplainSettings("rollout", "max", 0.9)
-    (outcome,) = explain_images(explainer, [InputImage(path, PurePosixPath("triple.png"))], tmp_path / "out", settings)
-    assert outcome.status == "done", outcome.error
+    items = [InputImage(path, PurePosixPath("triple.png")), InputImage(rotated, PurePosixPath("rotated.jpg"))]
+    outcome, sideways = explain_images(explainer, items, tmp_path / "out", settings)
+    assert outcome.status == sideways.status == "done", (outcome.error, sideways.error)
 
-    record = json.loads(outcome.files["json"].read_text(encoding="utf-8"))
     scale = 672 / 744
-    assert record["crop_window"] == pytest.approx([260 * scale, 12 * scale, 484 * scale, 236 * scale], abs=1e-4)
-    with Image.open(outcome.files["rollout.png"]) as png:
-        out = np.asarray(png.convert("RGB"))
-    # seen: pixels whose centre is inside the window, columns 235..436 and rows 11..212
-    assert _is_grey(out[:, :235]).all() and _is_grey(out[:, 437:]).all()
-    assert _is_grey(out[:11]).all() and _is_grey(out[213:]).all()
-    assert not _is_grey(out[11:213, 235:437]).all()
+    for done in (outcome, sideways):
+        record = json.loads(done.files["json"].read_text(encoding="utf-8"))
+        assert record["crop_window"] == pytest.approx([260 * scale, 12 * scale, 484 * scale, 236 * scale], abs=1e-4)
+        with Image.open(done.files["rollout.png"]) as png:
+            out = np.asarray(png.convert("RGB"))
+        assert out.shape == (224, 672, 3)  # upright
+        # seen: pixels whose centre is inside the window, columns 235..436 and rows 11..212
+        assert _is_grey(out[:, :235]).all() and _is_grey(out[:, 437:]).all()
+        assert _is_grey(out[:11]).all() and _is_grey(out[213:]).all()
+        assert not _is_grey(out[11:213, 235:437]).all()
     # the model saw the middle photo only: its mask is that photo's own
     middle = explainer.explain([Image.fromarray(thirds[1])], method="rollout", head_fusion="max", discard_ratio=0.9)
     np.testing.assert_allclose(np.load(outcome.files["rollout.npy"]), middle.masks[0], atol=1e-6)
