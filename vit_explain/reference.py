@@ -110,9 +110,13 @@ class AttentionRecorder(contextlib.AbstractContextManager):
         layer = len(self.attentions)
         self.attentions.append(output)
         if self.capture_gradients and output.requires_grad:
+            # The hook holds the dict, not the recorder: a hook lives in the tensor's C++ autograd
+            # data, out of the garbage collector's sight, so tensor -> hook -> recorder -> tensor
+            # would never be freed (every layer's attention and gradient leaked on each call).
+            gradients = self.gradients
 
             def store(grad: torch.Tensor, layer: int = layer) -> None:
-                self.gradients[layer] = grad
+                gradients[layer] = grad
 
             output.register_hook(store)
 

@@ -18,7 +18,7 @@ from ..errors import ExportError, WeightsUnavailableError, first_line
 from ..metadata import parse_img_size
 from ..reference import weights_sha256
 
-__all__ = ["ModelSpec", "build_model", "weights_sha256", "class_names_for"]
+__all__ = ["ModelSpec", "build_model", "closest_model_names", "weights_sha256", "class_names_for"]
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,19 @@ def _create(spec: ModelSpec, pretrained: bool, **overrides) -> nn.Module:
         return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            close = timm.list_models(f"*{spec.name.split('_')[0]}*")[:5]
-            hint = f" (did you mean one of: {', '.join(close)})" if close else ""
+            close = closest_model_names(spec.name)
+            hint = f"; closest: {', '.join(close)}" if close else ""
             raise ExportError(f"unknown timm model {spec.name!r}{hint}") from None
         raise
+
+
+def closest_model_names(name: str, count: int = 5) -> list[str]:
+    """timm's model names most like ``name``, closest first: a typo (``deit_tiny_patch16_244``)
+    differs in a character or two, which a shared prefix alone does not rank."""
+    import difflib
+
+    architecture = name.split(".", 1)[0]  # a pretrained tag (".fb_in1k") is not part of the name
+    return difflib.get_close_matches(architecture, timm.list_models(), n=count, cutoff=0.6)
 
 
 def _load_checkpoint(model: nn.Module, path: Path) -> None:
