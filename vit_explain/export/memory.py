@@ -4,7 +4,7 @@ The export's peak is its parity check (:mod:`.verify`): the eager reference and 
 hold every layer's attention probabilities and their gradients, ``layers x heads x tokens^2``
 floats per image and kind, which grows with the fourth power of the input side (a ViT-S/14 at its
 native 518 px: ~540 MB per image and kind). The constants below are measured, not derived: a
-DINOv2 ViT-S/14 export at 518 px peaked at 4.5 GB with the check's attention term at ~6.5 times one
+DINOv2 ViT-S/14 export at 518 px peaked at 4.9 GB with the check's attention term at ~6.5 times one
 image's attention array; the estimate rounds up so that an export it lets through fits.
 """
 
