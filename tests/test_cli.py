@@ -813,7 +813,7 @@ def test_quiet_prints_only_the_summary(tmp_path, model_path):
 
 
 def test_no_progress_bar_without_a_tty(tmp_path, model_path):
-    images = [save_image(tmp_path / f"img{i}.png", seed=i) for i in range(3)]
+    images = [save_image(tmp_path / f"img{i}.png", 240, 180, seed=i) for i in range(3)]  # no upscaling notice
     result = cli("explain", *images, "--model", model_path, "-o", tmp_path / "out")
     assert result.exit_code == 0
     assert "\r" not in result.output and "%|" not in result.output

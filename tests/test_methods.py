@@ -378,7 +378,7 @@ def test_explain_validates_start_layer(deit):
         explainer.explain(pixels.numpy(), method="gae", start_layer=2)
     with pytest.raises(ValueError, match="start layer"):
         explainer.explain(pixels.numpy(), method="rollout", start_layer=-1)
-    with pytest.raises(ValueError, match="not to attention"):
+    with pytest.raises(ValueError, match="start_layer does not apply to attention: last-layer attention reads the last layer alone"):
         explainer.explain(pixels.numpy(), method="attention", start_layer=1)
 
 
