@@ -71,11 +71,23 @@ def ensure_model(name: str, models_dir: Path) -> tuple[Path, bool]:
     if path.is_file():
         return path, False
     from vit_explain.export.exporter import export_model
-    from vit_explain.export.loading import ModelSpec
+    from vit_explain.families import ModelSpec
 
     log(f"exporting {name} with random weights (seed 0) to {path}: no network here, and timing does not depend on weights")
     started = time.perf_counter()
-    export_model(ModelSpec(name, weights="random", seed=0), path, log=lambda m: log(f"  {m}"))
+    import logging
+
+    class _Indented(logging.Handler):  # the exporter's progress lines, indented under ours
+        def emit(self, record: logging.LogRecord) -> None:
+            log(f"  {record.getMessage()}")
+
+    export_log, handler = logging.getLogger("vit_explain.export"), _Indented()
+    export_log.addHandler(handler)
+    export_log.setLevel(logging.INFO)
+    try:
+        export_model(ModelSpec(name, weights="random", seed=0), path)
+    finally:
+        export_log.removeHandler(handler)
     log(f"  export took {time.perf_counter() - started:.0f} s")
     return path, True
 

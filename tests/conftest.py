@@ -72,7 +72,7 @@ def sharpen_attention(model: nn.Module, factor: float) -> nn.Module:
     """
     import torch
 
-    from vit_explain.reference import attention_modules
+    from vit_explain.eager import attention_modules
 
     with torch.no_grad():
         for attention in attention_modules(model):
@@ -197,7 +197,7 @@ def export_family(tmp_path_factory) -> Callable[[str], ExportedModel]:
     pytest.importorskip("torch")
     pytest.importorskip("timm")
     from vit_explain.export.exporter import export_model
-    from vit_explain.export.loading import ModelSpec
+    from vit_explain.families import ModelSpec
 
     cache: dict[str, ExportedModel] = {}
     directory = tmp_path_factory.mktemp("exported")

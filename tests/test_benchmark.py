@@ -20,7 +20,7 @@ def tiny_model(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
     timm = pytest.importorskip("timm")
     from vit_explain.export.exporter import export_model
-    from vit_explain.export.loading import ModelSpec
+    from vit_explain.families import ModelSpec
 
     torch.manual_seed(SEED)
     model = timm.create_model(MODEL, pretrained=False, **MODEL_KWARGS)

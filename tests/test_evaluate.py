@@ -466,7 +466,7 @@ def small_model(tmp_path_factory):
     torch = pytest.importorskip("torch")
     timm = pytest.importorskip("timm")
     from vit_explain.export.exporter import export_model
-    from vit_explain.export.loading import ModelSpec
+    from vit_explain.families import ModelSpec
     from vit_explain.runtime import Explainer
 
     torch.manual_seed(0)

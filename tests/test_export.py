@@ -21,11 +21,13 @@ timm = pytest.importorskip("timm")
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
+from vit_explain.eager import weights_sha256  # noqa: E402
 from vit_explain.errors import ExportError, ParityError  # noqa: E402
-from vit_explain.export import exporter, loading  # noqa: E402
+from vit_explain.export import exporter  # noqa: E402
 from vit_explain.export.exporter import describe_model, export_model  # noqa: E402
-from vit_explain.export.loading import ModelSpec, build_model, weights_sha256  # noqa: E402
 from vit_explain.export.verify import relative_error  # noqa: E402
+from vit_explain.families import ModelSpec, build_model  # noqa: E402
+from vit_explain.families import timm_vit as loading  # noqa: E402
 from vit_explain.metadata import FORMAT_VERSION, OUTPUT_GRADIENTS  # noqa: E402
 from vit_explain.reference import TorchReference, one_hot  # noqa: E402
 from vit_explain.runtime import Explainer  # noqa: E402

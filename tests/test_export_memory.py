@@ -9,6 +9,7 @@ and the check is exercised on the small session-exported families.
 from __future__ import annotations
 
 import gc
+import logging
 import shlex
 import weakref
 
@@ -23,9 +24,14 @@ from vit_explain.cli import main  # noqa: E402
 from vit_explain.errors import ExportError, ParityError  # noqa: E402
 from vit_explain.export import exporter, memory  # noqa: E402
 from vit_explain.export.exporter import export_model  # noqa: E402
-from vit_explain.export.loading import ModelSpec  # noqa: E402
-from vit_explain.export.memory import ModelShape, attention_bytes, check_batch_size, estimate_export_bytes  # noqa: E402
+from vit_explain.export.memory import (  # noqa: E402
+    ModelShape,
+    attention_bytes,
+    check_batch_size,
+    estimate_export_bytes,
+)
 from vit_explain.export.verify import _Error, check_parity, relative_error  # noqa: E402
+from vit_explain.families import ModelSpec  # noqa: E402
 from vit_explain.reference import TorchReference  # noqa: E402
 
 GB = 1e9
@@ -150,20 +156,22 @@ def test_cli_refusal_is_one_error_line(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- #
 
 
-def test_img_size_not_a_multiple_of_the_patch_is_noted(tmp_path, monkeypatch):
+def test_img_size_not_a_multiple_of_the_patch_is_noted(tmp_path, monkeypatch, caplog):
     _no_tracing(monkeypatch)
     _available(monkeypatch, 8.0)
-    messages: list[str] = []
+    caplog.set_level(logging.INFO, logger="vit_explain.export")
     with pytest.raises(Stop):
-        export_model(ModelSpec("deit_tiny_patch16_224", weights="random", img_size=(100, 120)), tmp_path / "x.onnx", log=messages.append)
+        export_model(ModelSpec("deit_tiny_patch16_224", weights="random", img_size=(100, 120)), tmp_path / "x.onnx")
+    messages = [record.getMessage() for record in caplog.records]
     notes = [m for m in messages if m.startswith("note:")]
     assert notes == [
         "note: 100x120 px is not a multiple of the 16x16 patch: the model sees the top-left 96x112 px and "
         "ignores the last 4 rows and 8 columns (--img-size 96x112 uses every pixel)"
     ]
-    messages.clear()
+    caplog.clear()
     with pytest.raises(Stop):
-        export_model(ModelSpec("deit_tiny_patch16_224", weights="random", img_size=(96, 112)), tmp_path / "x.onnx", log=messages.append)
+        export_model(ModelSpec("deit_tiny_patch16_224", weights="random", img_size=(96, 112)), tmp_path / "x.onnx")
+    messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if m.startswith("note:")]
 
 

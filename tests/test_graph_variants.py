@@ -1,4 +1,4 @@
-"""The graphs derived from an exported file (``runtime/graph_variants.py``) and the selection in the discard.
+"""The graphs derived from an exported file (``vit_explain/graph/``) and the selection in the discard.
 
 - ``fused_maps``: the head-fused maps the graph returns equal the numpy fusion of its raw
   outputs, for every family, method and head fusion (max/min exactly, float64 products and means
@@ -27,15 +27,16 @@ from vit_explain.metadata import (
     OUTPUT_GRADIENTS,
     OUTPUT_LOGITS,
 )
-from vit_explain.runtime import Explainer
-from vit_explain.runtime import graph_variants, session as session_module
-from vit_explain.runtime.graph_variants import (
+from vit_explain import graph as graph_variants
+from vit_explain.graph import (
     FUSED_OUTPUT,
     forward_only,
     fused_maps,
     gradients_inlined,
     per_layer_outputs,
 )
+from vit_explain.runtime import Explainer
+from vit_explain.runtime import session as session_module
 from vit_explain.runtime.rollout import (
     _select_bracketed,
     _weighted_head_mean,
@@ -311,6 +312,22 @@ def test_weighted_head_mean_equals_numpy_mean_of_the_products():
     np.testing.assert_array_equal(
         _weighted_head_mean(attention, gradient, clamp_heads=True), np.maximum(product, 0).mean(axis=1)
     )
+
+
+def test_each_variant_is_derived_once_per_model_and_kind(deit, monkeypatch):
+    """The single- and multi-threaded sessions of a kind share one derivation, and calls derive
+    nothing; the derived graph (a copy of the weights) is dropped once both sessions exist."""
+    derived: list = []
+    real = session_module.derive
+    monkeypatch.setattr(session_module, "derive", lambda model, kind, *a: derived.append(kind) or real(model, kind, *a))
+    session = ModelSession(deit.path, device="cpu")
+    pixels, weights = _inputs(deit.metadata, batch=2)
+    for single_thread in (False, True, False, True):
+        session.run_layers(pixels, single_thread=single_thread)
+        session.run_layers(pixels, weights, single_thread=single_thread)
+        session.run_fused(pixels, "rollout", "max", single_thread=single_thread)
+    assert derived == ["forward", "gradients", ("fused", "rollout", "max", False)]
+    assert session._derived == {}
 
 
 def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused(deit, monkeypatch):

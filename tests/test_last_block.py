@@ -1,4 +1,4 @@
-"""The export's last-block rewrite (:mod:`vit_explain.export.last_block`): which models it applies
+"""The export's last-block rewrite (:mod:`vit_explain.families.timm_last_block`): which models it applies
 to, that it changes no output of the eager model, that it reaches the traced graph, and that it
 leaves the model as it found it. The exported graphs' parity with the unmodified eager model, for
 every family, is tested in ``test_parity.py``."""
@@ -12,11 +12,11 @@ timm = pytest.importorskip("timm")
 
 from conftest import FAMILIES  # noqa: E402
 
-from vit_explain.export import last_block  # noqa: E402
-from vit_explain.export.last_block import head_tokens_only, tokens_read_by_head  # noqa: E402
+from vit_explain.eager import AttentionRecorder  # noqa: E402
 from vit_explain.export.tracing import trace_explain_graph  # noqa: E402
 from vit_explain.export.verify import relative_error  # noqa: E402
-from vit_explain.reference import AttentionRecorder  # noqa: E402
+from vit_explain.families import timm_last_block as last_block  # noqa: E402
+from vit_explain.families.timm_last_block import head_tokens_only, tokens_read_by_head  # noqa: E402
 
 #: Leading tokens the head reads: the class token, the distillation token too, the registers with
 #: the class token (kept: they are prefix tokens); None where the model is traced unchanged

@@ -368,7 +368,7 @@ def test_rollout_of_an_average_pooled_model_starts_from_the_pooled_tokens(name, 
     sees. Checked with the engine's maths and the token layout the exporter writes, on the eager
     tensors (which the graph reproduces, see (a)): what ``Explainer.explain`` would return."""
     from vit_explain.export.exporter import describe_model
-    from vit_explain.export.loading import ModelSpec
+    from vit_explain.families import ModelSpec
 
     model = make_test_model(name, seed=5, **kwargs)
     assert model.global_pool == "avg" and model.cls_token is not None

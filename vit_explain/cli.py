@@ -92,12 +92,36 @@ def export(model_name, weights, seed, img_size, num_classes, class_names, output
         raise click.BadParameter(f"{weights!r} is neither 'pretrained', 'random' nor an existing file", param_hint="--weights")
     spec = ModelSpec(model_name, weights=weights, seed=seed, img_size=img_size, num_classes=num_classes)
     output = output or default_output_path(spec)
-    log = lambda message: click.echo(message, err=True)  # noqa: E731
     try:
-        result = export_model(spec, output, class_names_file=class_names, opset=opset, log=log)
+        with _export_progress_to_stderr():
+            result = export_model(spec, output, class_names_file=class_names, opset=opset)
     except VitExplainError as exc:
         raise _fail(exc) from None
     click.echo(str(result.path))
+
+
+@contextlib.contextmanager
+def _export_progress_to_stderr() -> Iterator[None]:
+    """The exporter's progress lines (logger ``vit_explain.export``, INFO) on stderr, one line
+    each as written, for the duration of the command; not passed on to parent loggers, so a
+    handler set up elsewhere does not print them twice."""
+    import logging
+
+    class _Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            click.echo(record.getMessage(), err=True)
+
+    logger = logging.getLogger("vit_explain.export")
+    handler, level, propagate = _Echo(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 # -- info ---------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 It is the yardstick the parity tests and ``export``'s check measure the ONNX engine against,
 so it deliberately computes things the straightforward (slow) way:
 
-* attention probabilities are captured by forward hooks on every block's ``attn_drop`` (with
-  timm's fused attention switched off, since ``F.scaled_dot_product_attention`` never calls
-  ``attn_drop``), appended in call order, which is layer order;
+* attention probabilities are captured by :class:`vit_explain.eager.AttentionRecorder`'s forward
+  hooks on every block's ``attn_drop`` (the exporter traces through the same hooks), appended in
+  call order, which is layer order;
 * gradients are captured with ``Tensor.register_hook`` on those very tensors, stored by layer
   index (backward runs last layer first: the original paired them the wrong way round), after
   the softmax (the legacy ``register_backward_hook`` saw pre-softmax gradients);
@@ -18,107 +18,15 @@ two share no maths code.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = [
-    "AttentionRecorder",
-    "attention_modules",
-    "pooling_of",
-    "reads_class_token",
-    "ReferenceOutputs",
-    "TorchReference",
-    "torch_rollout",
-    "one_hot",
-    "weights_sha256",
-]
+from .eager import AttentionRecorder, reads_class_token
 
-
-def pooling_of(model: nn.Module) -> str:
-    """How the head reads the tokens: "token" (the class token) or "avg"/"avgmax"/"max" (patch tokens)."""
-    pool = getattr(model, "global_pool", "token")
-    if getattr(model, "cls_token", None) is None and pool == "token":
-        return "avg"
-    return str(pool)
-
-
-def reads_class_token(model: nn.Module) -> bool:
-    """Rollout starts from the class token's row only when the head reads that token.
-
-    BEiT and EVA have a class token but pool the patch tokens by default; their output never
-    sees the class token's final state, so their rollout starts, like a model without a class
-    token, from the mean of the patch tokens' rows.
-    """
-    return getattr(model, "cls_token", None) is not None and pooling_of(model) == "token"
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules whose probabilities pass through ``attn_drop``, in block order.
-
-    Any timm attention with a ``fused_attn`` switch and an ``attn_drop`` module qualifies
-    (ViT/DeiT ``Attention``, EVA and BEiT attention). The caller checks the count against
-    ``len(model.blocks)``.
-    """
-    found = []
-    for module in model.modules():
-        if hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module):
-            found.append(module)
-    return found
-
-
-class AttentionRecorder(contextlib.AbstractContextManager):
-    """Records every layer's post-softmax attention probabilities during a forward pass.
-
-    Used as a context manager: fused attention is turned off for its duration (and restored
-    after), and hooks are removed on exit, so a model is never left modified. ``attentions``
-    is emptied by :meth:`reset`, which callers invoke before each forward pass.
-    """
-
-    def __init__(self, model: nn.Module, capture_gradients: bool = False) -> None:
-        self.model = model
-        self.capture_gradients = capture_gradients
-        self.modules = attention_modules(model)
-        self.attentions: list[torch.Tensor] = []
-        self.gradients: dict[int, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._fused_before: list[bool] = []
-
-    def __enter__(self) -> "AttentionRecorder":
-        self._fused_before = [bool(m.fused_attn) for m in self.modules]
-        for module in self.modules:
-            module.fused_attn = False
-            self._handles.append(module.attn_drop.register_forward_hook(self._on_attention))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, fused in zip(self.modules, self._fused_before):
-            module.fused_attn = fused
-
-    def reset(self) -> None:
-        self.attentions = []
-        self.gradients = {}
-
-    def _on_attention(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        layer = len(self.attentions)
-        self.attentions.append(output)
-        if self.capture_gradients and output.requires_grad:
-            # The hook holds the dict, not the recorder: a hook lives in the tensor's C++ autograd
-            # data, out of the garbage collector's sight, so tensor -> hook -> recorder -> tensor
-            # would never be freed (every layer's attention and gradient leaked on each call).
-            gradients = self.gradients
-
-            def store(grad: torch.Tensor, layer: int = layer) -> None:
-                gradients[layer] = grad
-
-            output.register_hook(store)
+__all__ = ["ReferenceOutputs", "TorchReference", "torch_rollout", "one_hot"]
 
 
 @dataclass
@@ -253,15 +161,3 @@ def one_hot(category_index: Sequence[int], batch: int, num_outputs: int) -> torc
     weights = torch.zeros(batch, num_outputs)
     weights[torch.arange(batch), torch.tensor(indices)] = 1.0
     return weights
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """A stable hash of a model's parameters and buffers (provenance in the exported artifact).
-
-    It lives here, beside the other eager-model helpers, so that a process holding only the
-    reference (the benchmark's) can compute it without importing the ONNX exporter."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()

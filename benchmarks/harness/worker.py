@@ -59,7 +59,8 @@ class _ReferencePipeline:
         import torch
         from PIL import Image
 
-        from vit_explain.reference import TorchReference, weights_sha256
+        from vit_explain.eager import weights_sha256
+        from vit_explain.reference import TorchReference
 
         self.torch, self.Image = torch, Image
         torch.set_num_threads(config["threads"])

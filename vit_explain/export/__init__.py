@@ -1,8 +1,9 @@
-"""Export a timm Vision Transformer to a vit-explain ONNX model (needs torch + timm: the ``export`` extra)."""
+"""Export a Vision Transformer (timm today, through :mod:`vit_explain.families`) to a vit-explain ONNX
+model (needs torch + timm: the ``export`` extra)."""
 
-from .exporter import ExportResult, default_output_path, describe_model, export_model
+from ..families import ModelSpec, build_model
 from ..metadata import parse_img_size
-from .loading import ModelSpec, build_model
+from .exporter import ExportResult, default_output_path, describe_model, export_model
 
 __all__ = [
     "ExportResult",

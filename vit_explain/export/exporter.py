@@ -1,10 +1,10 @@
-"""``export``: timm model -> checked, self-describing ONNX file, written once and atomically."""
+"""``export``: a model (built by its family's adapter) -> checked, self-describing ONNX file, written once and atomically."""
 
 from __future__ import annotations
 
 import gc
+import logging
 import shlex
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,19 +13,26 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..eager import weights_sha256
 from ..errors import ExportError
-from ..metadata import METADATA_KEY, ModelMetadata, PreprocessConfig
-from ..outputs.files import atomic_write_bytes
-from ..reference import attention_modules, pooling_of, reads_class_token
-from .graph_surgery import make_gradients_optional
-from .loading import ModelSpec, build_model, class_names_for, weights_sha256
-from .memory import ModelShape, available_memory_bytes, check_batch_size, estimate_export_bytes
+from ..families import ModelFamily, ModelSpec, family_for
+from ..graph import make_gradients_optional
+from ..metadata import METADATA_KEY, ModelMetadata
+from ..atomic import atomic_write_bytes
+from .memory import (
+    ModelShape,
+    available_memory_bytes,
+    check_batch_size,
+    estimate_export_bytes,
+)
 from .tracing import DEFAULT_OPSET, export_onnx, trace_explain_graph
 from .verify import ParityReport, check_parity
 
 __all__ = ["ExportResult", "export_model", "describe_model", "default_output_path"]
 
 _PROTOBUF_LIMIT = 2 * 1024**3 - 1
+#: Progress and notices, one line each (INFO); the CLI's ``export`` prints them to stderr.
+_log = logging.getLogger("vit_explain.export")
 
 
 @dataclass(frozen=True)
@@ -47,73 +54,41 @@ def default_output_path(spec: ModelSpec, models_dir: Path = Path("models")) -> P
     return models_dir / f"{spec.name}{suffix}.onnx"
 
 
-def _unsupported(model: nn.Module, reason: str) -> ExportError:
-    return ExportError(f"{type(model).__name__} is not supported yet: {reason}")
-
-
-def describe_model(model: nn.Module, spec: ModelSpec, class_names_file: Path | None = None, opset: int = DEFAULT_OPSET) -> ModelMetadata:
-    """Read the token layout and preprocessing from the model itself, refusing what cannot be explained."""
-    from timm.data import resolve_model_data_config
-
-    blocks = getattr(model, "blocks", None)
-    patch_embed = getattr(model, "patch_embed", None)
-    if blocks is None or patch_embed is None or not hasattr(patch_embed, "grid_size"):
-        raise _unsupported(model, "not a Vision Transformer with blocks and a patch embedding")
-    if getattr(model, "dynamic_img_size", False):
-        raise _unsupported(model, "dynamic image size; export with a fixed --img-size instead")
-    attentions = attention_modules(model)
-    unfusable = [m for m in model.modules() if hasattr(m, "fused_attn") and not isinstance(getattr(m, "attn_drop", None), nn.Module)]
-    if unfusable:
-        raise _unsupported(model, f"{type(unfusable[0]).__name__} (an attention-pooling head?) has no attn_drop to tap")
-    pooling = pooling_of(model)
-    if pooling not in ("token", "avg", "avgmax", "max"):
-        raise _unsupported(model, f"global_pool={pooling!r} (the output must be one vector per image)")
-    if len(attentions) != len(blocks):
-        raise _unsupported(
-            model,
-            f"found {len(attentions)} tappable attention modules for {len(blocks)} blocks "
-            "(an attention-pooling head or an attention timm cannot run unfused)",
-        )
-    num_heads = int(attentions[0].num_heads)
-    num_outputs = int(getattr(model, "num_classes", 0) or 0)
-    output_kind = "logits"
-    if num_outputs == 0:
-        num_outputs, output_kind = int(model.num_features), "features"
-
-    data = resolve_model_data_config(model)
-    height, width = (int(v) for v in patch_embed.img_size)
-    preprocess = PreprocessConfig(
-        input_size=(3, height, width),
-        interpolation=str(data.get("interpolation") or "bicubic"),
-        mean=tuple(float(v) for v in data["mean"]),
-        std=tuple(float(v) for v in data["std"]),
-        crop_pct=float(data.get("crop_pct") or 0.875),
-        crop_mode=str(data.get("crop_mode") or "center"),
-    )
+def describe_model(
+    model: nn.Module, spec: ModelSpec, class_names_file: Path | None = None, opset: int = DEFAULT_OPSET
+) -> ModelMetadata:
+    """The metadata of ``model``, from its family's answers (layout, seed, outputs, preprocessing),
+    after the family has refused what cannot be explained."""
+    family = family_for(spec)
+    family.check(model)
+    layout = family.layout(model)
+    reading = family.head_reading(model)
+    num_layers, num_heads, _ = family.depth(model)
+    num_outputs, output_kind = family.outputs(model)
     return ModelMetadata(
         source_model=spec.name,
         weights=spec.weights_label,
         weights_sha256=weights_sha256(model),
-        preprocess=preprocess,
-        patch_size=tuple(int(v) for v in patch_embed.patch_size),
-        grid_size=tuple(int(v) for v in patch_embed.grid_size),
-        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)),
-        has_class_token=reads_class_token(model),
-        pooling=pooling,
-        num_layers=len(blocks),
+        preprocess=family.preprocess(model),
+        patch_size=layout.patch_size,
+        grid_size=layout.grid_size,
+        num_prefix_tokens=layout.num_prefix_tokens,
+        has_class_token=reading.has_class_token,
+        pooling=reading.pooling,
+        num_layers=num_layers,
         num_heads=num_heads,
         num_outputs=num_outputs,
         output_kind=output_kind,
         opset=opset,
         package_version=__version__,
-        class_names=class_names_for(model, num_outputs, class_names_file) if output_kind == "logits" else (),
+        class_names=family.class_names(model, num_outputs, class_names_file) if output_kind == "logits" else (),
     )
 
 
-def model_shape(model: nn.Module, metadata: ModelMetadata) -> ModelShape:
+def model_shape(model: nn.Module, spec: ModelSpec, metadata: ModelMetadata) -> ModelShape:
     """The sizes the export's memory depends on, read from the built model."""
     tokens = metadata.grid_size[0] * metadata.grid_size[1] + metadata.num_prefix_tokens
-    width = int(getattr(model, "embed_dim", 0) or model.num_features)
+    _, _, width = family_for(spec).depth(model)
     tensors = list(model.parameters()) + list(model.buffers())
     parameter_bytes = sum(t.numel() * t.element_size() for t in tensors)
     return ModelShape(metadata.num_layers, metadata.num_heads, tokens, width, parameter_bytes)
@@ -198,28 +173,28 @@ def export_model(
     output: Path,
     class_names_file: Path | None = None,
     opset: int = DEFAULT_OPSET,
-    log: Callable[[str], None] = lambda message: None,
     model: nn.Module | None = None,
 ) -> ExportResult:
     """Build, trace, convert, check against eager PyTorch, then save; nothing is written on failure.
 
     ``model`` skips building from ``spec`` (tests export small, hand-made models this way);
     ``spec`` then only names it in the metadata. An export that would not fit in memory is
-    refused before tracing.
+    refused before tracing. Progress goes to the ``vit_explain.export`` logger (INFO).
     """
+    family = family_for(spec)
     if model is None:
-        log(f"loading {spec.name} ({spec.weights_label})")
-        model = build_model(spec)
+        _log.info("loading %s (%s)", spec.name, spec.weights_label)
+        model = family.build(spec)
     model = model.eval()
     metadata = describe_model(model, spec, class_names_file, opset)
-    shape = model_shape(model, metadata)
+    shape = model_shape(model, spec, metadata)
     _refuse_when_too_big(spec, metadata, shape, output, class_names_file, opset)
     notice = _cropped_notice(metadata)
     if notice:
-        log(notice)
-    proto = _trace_and_convert(model, metadata, opset, log)
+        _log.info("%s", notice)
+    proto = _trace_and_convert(model, metadata, opset, family)
 
-    log("checking the graph against the eager model")
+    _log.info("checking the graph against the eager model")
     parity = check_parity(proto, model, metadata.preprocess.input_size, metadata.num_outputs, check_batch_size(shape))
     if proto.ByteSize() > _PROTOBUF_LIMIT:
         raise ExportError("models over 2 GB (ONNX protobuf limit) are not supported yet")
@@ -227,18 +202,18 @@ def export_model(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(output, data)
-    log(f"saved {output} ({len(data) / 1e6:.1f} MB); parity: {parity.summary()}")
+    _log.info("saved %s (%.1f MB); parity: %s", output, len(data) / 1e6, parity.summary())
     return ExportResult(output, metadata, parity, len(data))
 
 
-def _trace_and_convert(model: nn.Module, metadata: ModelMetadata, opset: int, log: Callable[[str], None]) -> onnx.ModelProto:
+def _trace_and_convert(model: nn.Module, metadata: ModelMetadata, opset: int, family: ModelFamily) -> onnx.ModelProto:
     """The checked-to-be ONNX proto, with every tracing and conversion object freed on return:
     torch.export and the ONNX exporter leave reference cycles that would otherwise hold their
     graphs and copies through the parity check, the export's peak."""
     example = torch.randn(2, *metadata.preprocess.input_size, generator=torch.Generator().manual_seed(0))
-    log("tracing forward + attention gradients")
-    graph = trace_explain_graph(model, example, metadata.num_outputs)
-    log(f"converting to ONNX (opset {opset})")
+    _log.info("tracing forward + attention gradients")
+    graph = trace_explain_graph(model, example, metadata.num_outputs, family)
+    _log.info("converting to ONNX (opset %s)", opset)
     proto = make_gradients_optional(export_onnx(graph, example, metadata.num_outputs, opset))
     del graph
     gc.collect()

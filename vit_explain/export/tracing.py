@@ -1,12 +1,13 @@
-"""Trace forward + attention gradients of a timm ViT into one ONNX graph.
+"""Trace forward + attention gradients of a Vision Transformer into one ONNX graph.
 
 Exporting a module that calls autograd inside ``forward`` fails (or is silently wrong), so the
 backward pass is traced first: ``make_fx`` with the core ATen decompositions records the forward
 and the ``torch.autograd.grad`` call as one plain graph of ATen ops with a symbolic batch size,
 and that graph is what ``torch.onnx.export(dynamo=True)`` translates. The attention
-probabilities are captured by the reference's :class:`AttentionRecorder` hooks, so the graph
-and the eager reference tap the very same tensors. The last block is traced on the tokens the
-head reads only (:mod:`.last_block`), which changes no output.
+probabilities are captured by the family's taps (for timm, :class:`vit_explain.eager.AttentionRecorder`,
+the hooks the eager reference records through), so the graph and the reference read the very
+same tensors. The family may rewrite the model while it is traced (timm: the last block on the
+tokens the head reads only, :mod:`vit_explain.families.timm_last_block`), which changes no output.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import onnx
 import torch
 from torch import nn
 
+from ..eager import AttentionRecorder
+from ..families import FAMILIES, ModelFamily
 from ..metadata import (
     INPUT_CLASS_WEIGHTS,
     INPUT_PIXELS,
@@ -27,16 +30,15 @@ from ..metadata import (
     OUTPUT_GRADIENTS,
     OUTPUT_LOGITS,
 )
-from ..reference import AttentionRecorder
-from .last_block import head_tokens_only
 
 __all__ = ["DEFAULT_OPSET", "trace_explain_graph", "export_onnx"]
 
 DEFAULT_OPSET = 20
 
 
-def _explain_function(model: nn.Module, recorder: AttentionRecorder):
-    """``(pixels, class_weights) -> (logits, attentions, d score / d attentions)``, score = sum(logits * w)."""
+def _explain_function(model: nn.Module, recorder: AttentionRecorder, family: ModelFamily):
+    """``(pixels, class_weights) -> (logits, attentions, d score / d attentions)``, the family's
+    score (``sum(logits * w)``)."""
 
     def explain(pixel_values: torch.Tensor, class_weights: torch.Tensor):
         recorder.reset()
@@ -47,21 +49,25 @@ def _explain_function(model: nn.Module, recorder: AttentionRecorder):
             pixels = pixel_values.detach().requires_grad_(True)
             logits = model(pixels)
             attentions = list(recorder.attentions)
-            score = (logits * class_weights).sum()
+            score = family.score(logits, class_weights)
             gradients = torch.autograd.grad(score, attentions)
         return logits, torch.stack(attentions), torch.stack(gradients)
 
     return explain
 
 
-def trace_explain_graph(model: nn.Module, example_pixels: torch.Tensor, num_outputs: int) -> torch.fx.GraphModule:
-    """An FX graph of forward + attention gradients with a symbolic batch dimension."""
+def trace_explain_graph(
+    model: nn.Module, example_pixels: torch.Tensor, num_outputs: int, family: ModelFamily | None = None
+) -> torch.fx.GraphModule:
+    """An FX graph of forward + attention gradients with a symbolic batch dimension, through
+    ``family``'s taps, score and tracing rewrite (default: timm's)."""
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    family = family or FAMILIES["timm"]
     example_weights = torch.zeros(example_pixels.shape[0], num_outputs)
-    with AttentionRecorder(model) as recorder, head_tokens_only(model, example_pixels):
-        explain = _explain_function(model, recorder)
+    with family.attention_recorder(model) as recorder, family.traced(model, example_pixels):
+        explain = _explain_function(model, recorder, family)
         return make_fx(
             explain,
             decomposition_table=core_aten_decompositions(),

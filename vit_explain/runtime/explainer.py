@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..metadata import ModelMetadata
-from .graph_variants import FUSED_METHODS
+from ..graph import FUSED_METHODS
 from .images import load_image
 from .preprocess import preprocess_batch, preprocess_image
 from .rollout import (

@@ -18,6 +18,7 @@ import onnx.external_data_helper
 import onnxruntime as ort
 
 from ..errors import DeviceError, ModelFileError, first_line
+from ..graph import FUSED_OUTPUT, SessionKind, derive, forward_only, fused_kind
 from ..metadata import (
     INPUT_CLASS_WEIGHTS,
     INPUT_COMPUTE_GRADIENTS,
@@ -28,14 +29,6 @@ from ..metadata import (
     OUTPUT_LOGITS,
     MetadataError,
     ModelMetadata,
-)
-from .graph_variants import (
-    FUSED_OUTPUT,
-    forward_only,
-    fused_maps,
-    gradients_inlined,
-    per_layer_outputs,
-    top1_class_weights,
 )
 
 __all__ = [
@@ -78,16 +71,6 @@ def resolve_providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
 
 
-def _fused_kind(method: str, head_fusion: str | None, top1: bool = False) -> tuple[str, str, str | None, bool]:
-    """The session key of a fused graph; GAE has no head-fusion choice, so one graph serves any."""
-    return ("fused", method, None if method == "gae" else head_fusion, bool(top1 and method != "rollout"))
-
-
-#: ``"full"`` (the file as it is), ``"forward"``, ``"gradients"``, ``"gradients_top1"`` or
-#: ``("fused", method, head fusion, top1)``.
-SessionKind = str | tuple[str, str, str | None, bool]
-
-
 @dataclass(frozen=True)
 class GraphOutputs:
     logits: np.ndarray  # [B, C]
@@ -105,7 +88,7 @@ class LayerOutputs:
 class ModelSession:
     """A vit-explain model loaded for inference.
 
-    onnxruntime sessions are made from the one file, each on first use (:mod:`.graph_variants`):
+    onnxruntime sessions are made from the one file, each on first use (:mod:`vit_explain.graph`):
     for the class-specific methods the graph with its gradient branch inlined, for the others a
     forward-only graph pruned from it, both returning one output per layer; and, for
     :meth:`run_fused`, one graph per (method, head fusion) that returns head-fused maps instead
@@ -134,6 +117,10 @@ class ModelSession:
         self._sessions: dict[tuple[SessionKind, bool], ort.InferenceSession] = {}
         #: Per session kind, the output names of each stacked output's layers (None: kept stacked).
         self._layer_names: dict[SessionKind, dict[str, list[str] | None]] = {}
+        #: Per session kind, its derived graph, kept only until both its sessions (multi- and
+        #: single-threaded) exist: each variant is derived once per model, and no copy of the
+        #: weights is held longer than a session may still need it.
+        self._derived: dict[SessionKind, bytes] = {}
         self._lock = threading.Lock()
 
     def _load_proto(self, with_external_data: bool = True) -> onnx.ModelProto:
@@ -196,15 +183,7 @@ class ModelSession:
             return session
         with self._lock:  # one creation per kind, even when first calls race
             if key not in self._sessions:
-                if kind == "full":
-                    source: str | bytes = str(self.path)
-                elif kind in ("forward", "gradients", "gradients_top1"):
-                    source = self._layered_graph(kind)
-                else:
-                    fused = fused_maps(self._load_proto(), kind[1], kind[2])
-                    if kind[3]:
-                        fused = top1_class_weights(fused, self.metadata.output_kind)
-                    source = fused.SerializeToString()
+                source = str(self.path) if kind == "full" else self._derived_graph(kind)
                 try:
                     session = ort.InferenceSession(source, self._options(single_thread), providers=self.providers)
                 except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types here
@@ -217,21 +196,20 @@ class ModelSession:
                         "cuDNN libraries onnxruntime-gpu needs); use device 'cpu' to run on the CPU"
                     )
                 self._sessions[key] = session
+                if all((kind, threading_) in self._sessions for threading_ in (False, True)):
+                    self._derived.pop(kind, None)
             return self._sessions[key]
 
-    def _layered_graph(self, kind: str) -> bytes:
-        """The graph behind :meth:`run_layers`: forward only, or with the gradients inlined, one
-        output per layer. Both single- and multi-threaded sessions of a kind share the names."""
-        model = self._load_proto()
-        if kind == "forward":
-            model, stacked = forward_only(model), [OUTPUT_ATTENTIONS]
-        else:
-            model, stacked = gradients_inlined(model), [OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
-            if kind == "gradients_top1":
-                model = top1_class_weights(model, self.metadata.output_kind)
-        model, layers = per_layer_outputs(model, stacked, self.metadata.num_layers)
-        self._layer_names[kind] = layers
-        return model.SerializeToString()
+    def _derived_graph(self, kind: SessionKind) -> bytes:
+        """The serialized graph of ``kind`` (:func:`vit_explain.graph.derive`), derived from the
+        file on the first session of that kind; its per-layer output names go to
+        :attr:`_layer_names`, shared by the single- and multi-threaded sessions. Called under the
+        lock."""
+        if kind not in self._derived:
+            model, layers = derive(self._load_proto(), kind, self.metadata.output_kind, self.metadata.num_layers)
+            self._layer_names[kind] = layers
+            self._derived[kind] = model.SerializeToString()
+        return self._derived[kind]
 
     @property
     def full_session(self) -> ort.InferenceSession:
@@ -260,7 +238,7 @@ class ModelSession:
         ``grad_rollout``/``gae`` without ``fused`` the gradient one, with ``fused`` that method's;
         ``top1``: the one that picks the class to explain itself."""
         if fused:
-            self._session(_fused_kind(method, head_fusion, top1), single_thread)
+            self._session(fused_kind(method, head_fusion, top1), single_thread)
         elif method in ("grad_rollout", "gae"):
             self._session("gradients_top1" if top1 else "gradients", single_thread)
         else:
@@ -275,7 +253,7 @@ class ModelSession:
     ) -> LayerOutputs:
         """One graph call: forward only, or forward + attention gradients when ``class_weights``
         is given (or, with ``top1``, for each image's own top-1 class or output direction, see
-        :func:`.graph_variants.top1_class_weights`); every layer's map as its own array, as the
+        :func:`vit_explain.graph.top1_class_weights`); every layer's map as its own array, as the
         graph computed it (no stacking)."""
         feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
         kind = "forward"
@@ -316,13 +294,13 @@ class ModelSession:
         top1: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and the per-layer head-fused maps ``[L, B, N, N]`` that ``method`` reads
-        (:func:`.graph_variants.fused_maps`): ``heads`` times less data out of the graph than
+        (:func:`vit_explain.graph.fused_maps`): ``heads`` times less data out of the graph than
         :meth:`run`. ``class_weights`` (or ``top1``, as in :meth:`run_layers`) for
         ``grad_rollout`` and ``gae``."""
         top1 = top1 and method != "rollout"
         if top1 and class_weights is not None:
             raise ValueError("give class weights or top1, not both")
-        session = self._session(_fused_kind(method, head_fusion, top1), single_thread)
+        session = self._session(fused_kind(method, head_fusion, top1), single_thread)
         feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
         if method != "rollout" and not top1:
             if class_weights is None:

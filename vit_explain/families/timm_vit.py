@@ -1,43 +1,30 @@
-"""Build the timm model to export: pretrained, random (seeded) or from a local checkpoint."""
+"""The adapter for timm's ViT-like models (ViT, DeiT, DINOv2, BEiT, EVA, ...).
+
+Building (pretrained, random with a seed, or a local checkpoint through timm's own filter and
+position-embedding resampling), the attention taps (every attention module's ``attn_drop``, with
+fused attention off), the token layout from ``patch_embed``, the seed from ``global_pool`` and
+the class token, the preprocessing from timm's data config, and ImageNet class names.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
+from ..eager import AttentionRecorder, attention_modules, pooling_of, reads_class_token
 from ..errors import ExportError, WeightsUnavailableError, first_line
-from ..metadata import parse_img_size
-from ..reference import weights_sha256
+from ..metadata import PreprocessConfig
+from .base import HeadReading, ModelFamily, ModelSpec, TokenLayout
+from .timm_last_block import head_tokens_only
 
-__all__ = ["ModelSpec", "build_model", "closest_model_names", "weights_sha256", "class_names_for"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the user asked to export."""
-
-    name: str
-    weights: str = "pretrained"  # "pretrained", "random" or a checkpoint path
-    seed: int = 0
-    img_size: tuple[int, int] | None = None  # (height, width); None keeps the model's default
-    num_classes: int | None = None  # None keeps the model's default (or the checkpoint's head)
-
-    @property
-    def weights_label(self) -> str:
-        if self.weights == "random":
-            return f"random(seed={self.seed})"
-        if self.weights == "pretrained":
-            return "pretrained"
-        return Path(self.weights).name
+__all__ = ["TimmViT", "build_model", "closest_model_names", "class_names_for"]
 
 
 def _create(spec: ModelSpec, pretrained: bool, **overrides) -> nn.Module:
@@ -186,3 +173,82 @@ def class_names_for(model: nn.Module, num_outputs: int, names_file: Path | None 
         return tuple(info.index_to_description(i) for i in range(num_outputs))
     except Exception:  # noqa: BLE001 - names are a convenience, never a reason to fail an export
         return ()
+
+
+def _unsupported(model: nn.Module, reason: str) -> ExportError:
+    return ExportError(f"{type(model).__name__} is not supported yet: {reason}")
+
+
+class TimmViT(ModelFamily):
+    """timm Vision Transformers with ``blocks``, a ``patch_embed`` and tappable attention."""
+
+    name = "timm"
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        return build_model(spec)
+
+    def check(self, model: nn.Module) -> None:
+        blocks = getattr(model, "blocks", None)
+        patch_embed = getattr(model, "patch_embed", None)
+        if blocks is None or patch_embed is None or not hasattr(patch_embed, "grid_size"):
+            raise _unsupported(model, "not a Vision Transformer with blocks and a patch embedding")
+        if getattr(model, "dynamic_img_size", False):
+            raise _unsupported(model, "dynamic image size; export with a fixed --img-size instead")
+        attentions = attention_modules(model)
+        unfusable = [m for m in model.modules() if hasattr(m, "fused_attn") and not isinstance(getattr(m, "attn_drop", None), nn.Module)]
+        if unfusable:
+            raise _unsupported(model, f"{type(unfusable[0]).__name__} (an attention-pooling head?) has no attn_drop to tap")
+        pooling = pooling_of(model)
+        if pooling not in ("token", "avg", "avgmax", "max"):
+            raise _unsupported(model, f"global_pool={pooling!r} (the output must be one vector per image)")
+        if len(attentions) != len(blocks):
+            raise _unsupported(
+                model,
+                f"found {len(attentions)} tappable attention modules for {len(blocks)} blocks "
+                "(an attention-pooling head or an attention timm cannot run unfused)",
+            )
+
+    def attention_recorder(self, model: nn.Module, capture_gradients: bool = False) -> AttentionRecorder:
+        return AttentionRecorder(model, capture_gradients)
+
+    def layout(self, model: nn.Module) -> TokenLayout:
+        patch_embed = model.patch_embed
+        prefix = getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
+        return TokenLayout(
+            image_size=tuple(int(v) for v in patch_embed.img_size),
+            patch_size=tuple(int(v) for v in patch_embed.patch_size),
+            grid_size=tuple(int(v) for v in patch_embed.grid_size),
+            num_prefix_tokens=int(prefix),
+        )
+
+    def head_reading(self, model: nn.Module) -> HeadReading:
+        return HeadReading(pooling=pooling_of(model), has_class_token=reads_class_token(model))
+
+    def outputs(self, model: nn.Module) -> tuple[int, str]:
+        num_classes = int(getattr(model, "num_classes", 0) or 0)
+        return (num_classes, "logits") if num_classes else (int(model.num_features), "features")
+
+    def depth(self, model: nn.Module) -> tuple[int, int, int]:
+        width = int(getattr(model, "embed_dim", 0) or model.num_features)
+        return len(model.blocks), int(attention_modules(model)[0].num_heads), width
+
+    def preprocess(self, model: nn.Module) -> PreprocessConfig:
+        from timm.data import resolve_model_data_config
+
+        data = resolve_model_data_config(model)
+        height, width = self.layout(model).image_size
+        return PreprocessConfig(
+            input_size=(3, height, width),
+            interpolation=str(data.get("interpolation") or "bicubic"),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            crop_pct=float(data.get("crop_pct") or 0.875),
+            crop_mode=str(data.get("crop_mode") or "center"),
+        )
+
+    def class_names(self, model: nn.Module, num_outputs: int, names_file: Path | None = None) -> tuple[str, ...]:
+        return class_names_for(model, num_outputs, names_file)
+
+    def traced(self, model: nn.Module, example_pixels: torch.Tensor):
+        """The last block on the head's tokens only (:mod:`.timm_last_block`)."""
+        return head_tokens_only(model, example_pixels)

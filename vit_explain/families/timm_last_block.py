@@ -61,7 +61,9 @@ def tokens_read_by_head(model: nn.Module) -> int | None:
 
 def _plain_attention(attention: nn.Module) -> bool:
     """timm's ``Attention`` itself, whose unfused forward :func:`_attend_for_prefix` follows."""
-    from timm.models.vision_transformer import Attention  # defined there before timm moved it to layers
+    from timm.models.vision_transformer import (
+        Attention,  # defined there before timm moved it to layers
+    )
 
     return type(attention) is Attention and "forward" not in vars(attention)
 

@@ -18,23 +18,32 @@ any file of this format gets them and the file keeps its raw outputs for those w
 - :func:`fused_maps`: the per-layer head-fused map a method reads, as output ``fused_maps``
   (see :data:`FUSED_OUTPUT`), and nothing raw.
 
-Fusion dtypes follow the numpy maths in :mod:`.rollout` exactly: max and min pick float32
+- :func:`derive`: the one place that maps a runtime session kind to the variant it runs, so
+  each is built once per model and kind (the session caches it), never per call.
+
+Fusion dtypes follow the numpy maths in :mod:`vit_explain.runtime.rollout` exactly: max and min pick float32
 values, so they stay float32; a mean, and the attention x gradient product, are computed in
 float64 (the product of two float32 numbers is exact in float64).
 """
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelFileError
-from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS, OUTPUT_LOGITS
+from ..metadata import (
+    INPUT_CLASS_WEIGHTS,
+    INPUT_COMPUTE_GRADIENTS,
+    OUTPUT_ATTENTIONS,
+    OUTPUT_GRADIENTS,
+    OUTPUT_LOGITS,
+)
+from .walk import copy_model, prune, topologically_sorted
 
-__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "gradients_inlined", "per_layer_outputs", "top1_class_weights", "fused_maps", "prune"]
+__all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "gradients_inlined", "per_layer_outputs", "top1_class_weights", "fused_maps",
+           "SessionKind", "fused_kind", "derive"]
 
 FUSED_OUTPUT = "fused_maps"
 #: Methods whose maths reads one head-fused map per layer (``attention`` reads the raw last layer).
@@ -43,61 +52,13 @@ _REDUCERS = {"mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}
 _PREFIX = "vit_explain_fuse_"
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Names a node reads, including those its subgraphs (``If`` branches) read from the outer scope."""
-    names = set(node.input)
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-            for inner in graph.node:
-                local.update(inner.output)
-            for inner in graph.node:
-                names.update(name for name in _subgraph_inputs(inner) if name not in local)
-            names.update(o.name for o in graph.output if o.name not in local)
-    names.discard("")
-    return names
-
-
-def prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """Keep only the nodes, inputs and initializers that ``outputs`` depend on (in place)."""
-    graph = model.graph
-    known_outputs = {o.name: o for o in graph.output}
-    missing = [name for name in outputs if name not in known_outputs]
-    if missing:
-        raise ValueError(f"graph has no output(s) {missing}")
-    needed = set(outputs)
-    kept_nodes = []
-    for node in reversed(graph.node):
-        if needed.intersection(node.output):
-            kept_nodes.append(node)
-            needed.update(_subgraph_inputs(node))
-    kept_nodes.reverse()
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-    del graph.output[:]
-    graph.output.extend(known_outputs[name] for name in outputs)
-    kept_inputs = [i for i in graph.input if i.name in needed]
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
-    kept_initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_initializers)
-    return model
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copied = onnx.ModelProto()
-    copied.CopyFrom(model)
-    return copied
-
-
 def forward_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """Pixels in, logits and raw attentions out: the backward branch and its inputs dropped.
 
     Besides speed this matters for memory: in the full graph the forward values the backward
     branch reads stay alive until the ``If`` runs, even when it takes the empty branch.
     """
-    pruned = prune(_copy(model), [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+    pruned = prune(copy_model(model), [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
     if any(i.name == INPUT_CLASS_WEIGHTS for i in pruned.graph.input):
         raise ModelFileError("the model's forward graph reads the class weights: re-export it with this vit-explain")
     return pruned
@@ -110,7 +71,7 @@ def gradients_inlined(model: onnx.ModelProto) -> onnx.ModelProto:
     as they are; an ``Identity`` gives its result the ``If``'s output name. The
     ``compute_gradients`` input is then unused and dropped: this graph always computes them.
     """
-    inlined = _copy(model)
+    inlined = copy_model(model)
     graph = inlined.graph
     nodes = []
     found = False
@@ -129,32 +90,6 @@ def gradients_inlined(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return prune(inlined, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS])
-
-
-def _topologically_sorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """``nodes`` in an order where each comes after the producers of what it reads (Kahn's
-    algorithm; nodes already in order keep it)."""
-    producer = {name: index for index, node in enumerate(nodes) for name in node.output}
-    waiting_on = []
-    readers: dict[int, list[int]] = {}
-    for index, node in enumerate(nodes):
-        sources = {producer[name] for name in _subgraph_inputs(node) if name not in available and name in producer}
-        waiting_on.append(len(sources))
-        for source in sources:
-            readers.setdefault(source, []).append(index)
-    ready = [index for index, count in enumerate(waiting_on) if count == 0]
-    heapq.heapify(ready)
-    ordered = []
-    while ready:
-        index = heapq.heappop(ready)
-        ordered.append(nodes[index])
-        for reader in readers.get(index, ()):
-            waiting_on[reader] -= 1
-            if waiting_on[reader] == 0:
-                heapq.heappush(ready, reader)
-    if len(ordered) != len(nodes):
-        raise ValueError("the graph has a cycle")
-    return ordered
 
 
 def top1_class_weights(model: onnx.ModelProto, output_kind: str) -> onnx.ModelProto:
@@ -194,7 +129,7 @@ def top1_class_weights(model: onnx.ModelProto, output_kind: str) -> onnx.ModelPr
     del graph.input[:]
     graph.input.extend(inputs)
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    ordered = _topologically_sorted([*graph.node, *nodes], available)
+    ordered = topologically_sorted([*graph.node, *nodes], available)
     del graph.node[:]
     graph.node.extend(ordered)
     return model
@@ -283,3 +218,36 @@ def fused_maps(model: onnx.ModelProto, method: str, head_fusion: str | None) -> 
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
     graph.output.append(helper.make_tensor_value_info(FUSED_OUTPUT, dtype, shape))
     return prune(source, [OUTPUT_LOGITS, FUSED_OUTPUT])
+
+
+#: ``"full"`` (the file as it is), ``"forward"``, ``"gradients"``, ``"gradients_top1"`` or
+#: ``("fused", method, head fusion, top1)``.
+SessionKind = str | tuple[str, str, str | None, bool]
+
+
+def fused_kind(method: str, head_fusion: str | None, top1: bool = False) -> tuple[str, str, str | None, bool]:
+    """The session kind of a fused graph; GAE has no head-fusion choice, so one graph serves any."""
+    return ("fused", method, None if method == "gae" else head_fusion, bool(top1 and method != "rollout"))
+
+
+def derive(
+    model: onnx.ModelProto, kind: SessionKind, output_kind: str, num_layers: int
+) -> tuple[onnx.ModelProto, dict[str, list[str] | None]]:
+    """The graph a runtime session of ``kind`` runs (``model`` is not changed), and per stacked
+    output its layers' output names (see :func:`per_layer_outputs`; empty for a fused kind).
+
+    ``forward``/``gradients``/``gradients_top1`` return one output per layer; a fused kind
+    returns logits and :data:`FUSED_OUTPUT` only. ``"full"`` is the file itself: not derived."""
+    if isinstance(kind, tuple):
+        _, method, head_fusion, top1 = kind
+        fused = fused_maps(model, method, head_fusion)
+        return (top1_class_weights(fused, output_kind) if top1 else fused), {}
+    if kind == "forward":
+        derived, stacked = forward_only(model), [OUTPUT_ATTENTIONS]
+    elif kind in ("gradients", "gradients_top1"):
+        derived, stacked = gradients_inlined(model), [OUTPUT_ATTENTIONS, OUTPUT_GRADIENTS]
+        if kind == "gradients_top1":
+            derived = top1_class_weights(derived, output_kind)
+    else:
+        raise ValueError(f"no derived graph for session kind {kind!r}")
+    return per_layer_outputs(derived, stacked, num_layers)

@@ -21,24 +21,11 @@ from ..metadata import (
     OUTPUT_GRADIENTS,
     OUTPUT_LOGITS,
 )
+from .walk import needed_nodes
 
 __all__ = ["make_gradients_optional"]
 
 _GRADIENT_DIMS = ["layers", "batch", "heads", "tokens", "tokens"]
-
-
-def _forward_closure(graph: onnx.GraphProto, outputs: list[str]) -> set[int]:
-    """Indices of the nodes needed to compute ``outputs``."""
-    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
-    needed: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        index = producer.get(stack.pop())
-        if index is None or index in needed:
-            continue
-        needed.add(index)
-        stack.extend(graph.node[index].input)
-    return needed
 
 
 def _batch_size_from_pixels(graph: onnx.GraphProto, forward_nodes: set[int]) -> None:
@@ -61,7 +48,7 @@ def make_gradients_optional(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a copy of ``model`` whose gradient output is computed only when asked for."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    forward_nodes = _forward_closure(graph, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
+    forward_nodes = needed_nodes(graph, [OUTPUT_LOGITS, OUTPUT_ATTENTIONS])
     _batch_size_from_pixels(graph, forward_nodes)
     forward = [node for index, node in enumerate(graph.node) if index in forward_nodes]
     backward = [node for index, node in enumerate(graph.node) if index not in forward_nodes]
