@@ -1,4 +1,4 @@
-"""Tests for vit_explain.outputs.files: atomic writes, input discovery, output naming."""
+"""Atomic writes (vit_explain.atomic), input discovery (vit_explain.discovery), output naming (vit_explain.outputs.naming)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_explain.outputs import files
-from vit_explain.outputs.files import (
-    atomic_write_bytes,
-    atomic_writer,
-    discover_images,
-    looks_like_image,
-    output_stem,
-    save_json,
-    save_npy,
-    save_png,
-    sniff_image,
-)
+from vit_explain import atomic
+from vit_explain.atomic import atomic_write_bytes, atomic_writer, save_json, save_npy, save_png
+from vit_explain.discovery import InputImage, discover_images, looks_like_image, sniff_image
+from vit_explain.outputs.naming import output_stem
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -101,7 +93,7 @@ def test_atomic_writer_replace_failure_cleans_up(tmp_path: Path, monkeypatch: py
     def broken_replace(src: object, dst: object) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(files.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     target = tmp_path / "r.bin"
     with pytest.raises(OSError, match="disk on fire"):
         atomic_write_bytes(target, b"data")
@@ -193,7 +185,7 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 TREE_IMAGES = 5
 
 
-def _rels(images: list[files.InputImage]) -> list[str]:
+def _rels(images: list[InputImage]) -> list[str]:
     return [str(i.rel) for i in images]
 
 

@@ -158,7 +158,7 @@ def test_explaining_a_panorama_paints_only_its_middle_third(export_family, tmp_p
     Short side 224 -> 248, so the photo is scaled by 744 / 672 and the 224 px crop starts 260 px
     (12 px) into the resized width (height): the middle photo minus a 10.8 px border.
     """
-    from vit_explain.outputs import InputImage
+    from vit_explain.discovery import InputImage
     from vit_explain.pipeline import ExplainSettings, explain_images
     from vit_explain.runtime import Explainer
 

@@ -16,13 +16,8 @@ import pytest
 from PIL import Image
 
 from vit_explain.outputs import overlay
-from vit_explain.outputs.report import (
-    ReportEntry,
-    render_contact_sheet,
-    render_html_report,
-    write_contact_sheet,
-    write_html_report,
-)
+from vit_explain.outputs.contact_sheet import render_contact_sheet, write_contact_sheet
+from vit_explain.outputs.report import ReportEntry, render_html_report, write_html_report
 
 MAGENTA = (255, 0, 255)  # the input thumbnail
 ORANGE = (255, 160, 0)  # the first map

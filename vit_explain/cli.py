@@ -7,6 +7,7 @@ about models, images or exports is one ``Error:`` line with exit code 1; never a
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -23,6 +24,61 @@ from .errors import OutputError, VitExplainError
 
 HEAD_FUSIONS = ("mean", "min", "max")
 METHODS = ("rollout", "grad_rollout", "gae", "attention")  # kept literal: importing the runtime is slower
+
+
+#: The CLI's own progress lines; the library's modules log under "vit_explain.<module>".
+logger = logging.getLogger("vit_explain.cli")
+
+
+class _StderrLines(logging.Handler):
+    """Each record as its bare message on stderr, the lines users saw before there was logging;
+    through the progress bar's ``write`` while one is drawn, so the bar is not torn."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.bar = None  # a tqdm bar while explain draws one
+        self.addFilter(self._not_export_steps)
+
+    @staticmethod
+    def _not_export_steps(record: logging.LogRecord) -> bool:
+        """A first-run export inside explain/evaluate is one line (model_store's), as before:
+        the exporter's own steps are the ``export`` command's to show."""
+        return record.levelno >= logging.WARNING or not record.name.startswith("vit_explain.export")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            click.echo(message, err=True)  # sys.stderr as it is now: click's test runner swaps it
+
+
+_LINES = _StderrLines()
+
+
+@contextlib.contextmanager
+def _progress_lines() -> Iterator[None]:
+    """The one stderr handler, on the "vit_explain" logger for one command (INFO; a command's
+    ``-q`` raises it to WARNING), and not passed on to the root logger: an application that
+    configured logging gets no second copy, and the library stays silent outside the CLI."""
+    package = logging.getLogger("vit_explain")
+    level, propagate = package.level, package.propagate
+    package.addHandler(_LINES)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    try:
+        yield
+    finally:
+        package.removeHandler(_LINES)
+        package.setLevel(level)
+        package.propagate = propagate
+        _LINES.setLevel(logging.INFO)
+        _LINES.bar = None
+
+
+def _quiet(quiet: bool) -> None:
+    """``-q``: warnings (a failed or skipped input) still show, progress lines do not."""
+    _LINES.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 class _UserError(click.ClickException):
@@ -50,7 +106,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _progress_lines():
+                return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -195,22 +252,23 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
     Writes, per image and map, an overlay PNG at the image's size, the raw mask (.npy, patch grid)
     and one JSON with the top-5 predictions and the settings used.
     """
-    from .outputs import available_colormaps, discover_images
+    from .discovery import discover_images
+    from .outputs import available_colormaps
     from .pipeline import FORMATS, ExplainSettings
 
     if colormap not in available_colormaps():
         raise click.BadParameter(f"unknown colormap {colormap!r} (for example: jet, viridis, inferno, turbo)", param_hint="--colormap")
-    say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    _quiet(quiet)
     with _interrupts_stop_cleanly():
         # Everything that needs no model first: a typo must not wait for a model download.
         chosen = _check_method_flags(method, head_fusion, discard_ratio, start_layer, category_index)
         items, problems = discover_images(list(inputs), exclude=[output_dir])
         for source, reason in problems:
-            click.echo(f"skipping {source}: {reason}", err=True)
+            logger.warning("skipping %s: %s", source, reason)
         if not items:
             raise _fail(VitExplainError("no images to explain"))
         _check_output_dir_early(output_dir)
-        with _open_explainer(model, device, threads, say) as explainer:
+        with _open_explainer(model, device, threads) as explainer:
             meta = explainer.metadata
             categories = _check_categories(category_index, meta)
             method, head_fusion, discard_ratio = _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories)
@@ -277,12 +335,12 @@ def _check_output_dir(output_dir: Path) -> None:
         raise _fail(OutputError(f"cannot write to {output_dir}: {exc.strerror or exc}")) from None
 
 
-def _open_explainer(model: str | None, device: str, threads: int | None, say):
+def _open_explainer(model: str | None, device: str, threads: int | None):
     from .model_store import DEFAULT_MODEL, resolve_model
     from .runtime import Explainer
 
     try:
-        return Explainer(resolve_model(model or DEFAULT_MODEL, notify=say), device=device, threads=threads)
+        return Explainer(resolve_model(model or DEFAULT_MODEL), device=device, threads=threads)
     except VitExplainError as exc:
         raise _fail(exc) from None
 
@@ -327,6 +385,10 @@ def _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, 
     return explainer.resolve_settings(chosen, head_fusion, discard_ratio, bool(categories))
 
 
+#: The most images a report shows (thumbnails of the first ones, kept while the files are written).
+REPORT_ROWS = 1000
+
+
 def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, report: bool, quiet: bool,
                  problems: list[tuple[str, str]]) -> None:
     from .pipeline import explain_images
@@ -341,30 +403,25 @@ def _run_explain(explainer, items, output_dir: Path, settings, batch_size: int, 
 
         progress = tqdm(total=len(items), unit="img", file=sys.stderr, dynamic_ncols=True)
 
-    def say(message: str) -> None:
-        if progress is not None:
-            progress.write(message, file=sys.stderr)
-        else:
-            click.echo(message, err=True)
-
-    notify = (lambda message: None) if quiet else say
-    running = explain_images(explainer, items, output_dir, settings, batch_size, notify=notify)
+    _LINES.bar = progress
+    running = explain_images(explainer, items, output_dir, settings, batch_size, previews=REPORT_ROWS if report else 0)
     try:
         with contextlib.closing(running):  # Ctrl-C: the generator's file pool is shut down here
             for outcome in running:
                 counts[outcome.status] += 1
                 outcomes.append(outcome)
                 if outcome.status == "failed":
-                    say(f"failed: {outcome.error}")
+                    logger.warning("failed: %s", outcome.error)
                 if progress is not None:
                     progress.update(1)
     except KeyboardInterrupt:
         raise _Interrupted(f"{counts['done']} done; a rerun skips them and goes on") from None
     finally:
+        _LINES.bar = None
         if progress is not None:
             progress.close()
-    if counts["skipped"] and not quiet:
-        click.echo(f"{counts['skipped']} already done with the same settings; --overwrite redoes them", err=True)
+    if counts["skipped"]:
+        logger.info("%d already done with the same settings; --overwrite redoes them", counts["skipped"])
     elapsed = time.perf_counter() - started
     if report:
         _write_report(items, outcomes, problems, output_dir, explainer, settings)
@@ -384,12 +441,12 @@ def _write_report(items, outcomes, problems, output_dir: Path, explainer, settin
     """
     from .errors import OutputError
     from .outputs import ReportEntry, write_contact_sheet, write_html_report
-    from .pipeline import report_entries
+    from .report_rows import report_entries
 
     position = {id(item): index for index, item in enumerate(items)}
     ordered = sorted(outcomes, key=lambda outcome: position.get(id(outcome.item), len(position)))
     entries = [ReportEntry(source, None, error=reason) for source, reason in problems]
-    entries += report_entries(ordered, report_dir=output_dir)
+    entries += report_entries(ordered, limit=REPORT_ROWS, report_dir=output_dir)
     title = f"vit-explain: {settings.method} with {explainer.metadata.source_model}"
     context = _report_context(explainer.metadata, settings)
     try:
@@ -455,8 +512,8 @@ def evaluate(inputs, model, methods, head_fusion, discard_ratio, start_layer, ca
     from .evaluate import check_writable
     from .evaluate import evaluate as run_evaluation
 
-    say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
-    explainer = _open_explainer(model, device, threads, say)
+    _quiet(quiet)
+    explainer = _open_explainer(model, device, threads)
     if category_index is not None:
         _check_categories((category_index,), explainer.metadata)
     methods = tuple(methods) or METHODS
@@ -466,7 +523,7 @@ def evaluate(inputs, model, methods, head_fusion, discard_ratio, start_layer, ca
     except VitExplainError as exc:
         raise _fail(exc) from None
     images, names, problems = _load_for_evaluation(inputs, output_dir)
-    say(f"evaluating {len(images)} images, {len(methods)} methods (about {len(images) * 15 * steps} forward passes)")
+    logger.info("evaluating %d images, %d methods (about %d forward passes)", len(images), len(methods), len(images) * 15 * steps)
     try:
         result = run_evaluation(
             explainer, images, methods=methods, category_index=category_index, steps=steps,
@@ -474,7 +531,7 @@ def evaluate(inputs, model, methods, head_fusion, discard_ratio, start_layer, ca
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    _write_evaluation(result, output_dir, say)
+    _write_evaluation(result, output_dir)
     if problems:
         sys.exit(1)
 
@@ -513,12 +570,12 @@ def _evaluation_settings(explainer, methods: tuple[str, ...], head_fusion, disca
 
 def _load_for_evaluation(inputs, output_dir: Path):
     """The images, the names the results give them (as the user named them) and the problems, reported."""
-    from .outputs import discover_images
+    from .discovery import discover_images
     from .runtime.images import load_image
 
     items, problems = discover_images(list(inputs), exclude=[output_dir])
     for source, reason in problems:
-        click.echo(f"skipping {source}: {reason}", err=True)
+        logger.warning("skipping %s: %s", source, reason)
     images, names = [], []
     for item in items:
         try:
@@ -526,13 +583,13 @@ def _load_for_evaluation(inputs, output_dir: Path):
             names.append(str(item.path))
         except VitExplainError as exc:
             problems.append((str(item.path), str(exc)))
-            click.echo(f"failed: {exc}", err=True)
+            logger.warning("failed: %s", exc)
     if not images:
         raise _fail(VitExplainError("no images to evaluate"))
     return images, names, problems
 
 
-def _write_evaluation(result, output_dir: Path, say) -> None:
+def _write_evaluation(result, output_dir: Path) -> None:
     """The table first (on stdout), then the files: a write that fails loses no numbers."""
     from .evaluate import write_outputs
 
@@ -541,7 +598,7 @@ def _write_evaluation(result, output_dir: Path, say) -> None:
         paths = write_outputs(result, output_dir)
     except VitExplainError as exc:
         raise _fail(exc) from None
-    say(f"wrote {', '.join(str(p) for p in paths.values())}")
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
 
 def _averages_table(result) -> str:

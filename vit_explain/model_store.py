@@ -7,14 +7,16 @@ torch and timm (the ``export`` extra); the runtime alone can only use existing f
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ExportError, ModelFileError, WeightsUnavailableError
 
 __all__ = ["DEFAULT_MODEL", "CACHE_ENV", "cache_dir", "cached_model_path", "check_not_checkpoint", "resolve_model"]
+
+logger = logging.getLogger(__name__)
 
 #: File name endings of PyTorch weights (what people download beside a model card).
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -68,8 +70,11 @@ def check_not_checkpoint(path: Path) -> None:
         )
 
 
-def resolve_model(model: str, notify: Callable[[str], None] = lambda message: None) -> Path:
-    """The path of the exported model for ``model`` (a file path or a timm model name)."""
+def resolve_model(model: str) -> Path:
+    """The path of the exported model for ``model`` (a file path or a timm model name).
+
+    A name not exported yet is exported once into the cache, said on one INFO line of the
+    ``vit_explain.model_store`` logger: it can take minutes, and must not look like a hang."""
     if _looks_like_file(model):
         path = Path(model)
         if not path.is_file():
@@ -86,7 +91,7 @@ def resolve_model(model: str, notify: Callable[[str], None] = lambda message: No
             f"{model!r} is not exported yet and exporting needs PyTorch and timm ({exc.name} is missing): "
             'install them with pip install -e ".[export]", or pass an exported .onnx file'
         ) from None
-    notify(f"exporting {model} to {path} (once; later runs reuse it)")
+    logger.info("exporting %s to %s (once; later runs reuse it)", model, path)
     try:
         export_model(ModelSpec(model, weights="pretrained"), path)
     except WeightsUnavailableError as exc:

@@ -1,30 +1,36 @@
 """Explain many images: batches in, files out, one bad image never sinks the rest.
 
-The data flows one way: image file -> load (``runtime.images``) -> preprocess -> session ->
-rollout -> masks -> overlay / ``.npy`` / ``.json`` (``outputs``). Every file is written
+The data flows one way: image file -> load (``runtime.images``, once per image) ->
+``Explainer.explain`` (the route the benchmark times: parts side by side, each from image to
+mask on one core) -> overlay / ``.npy`` / ``.json`` (``outputs``). Every file is written
 atomically and an image's JSON is written last, so an interrupted run leaves either complete
-outputs or none for each image, and a rerun skips what is complete.
+outputs or none for each image, and a rerun skips what is complete. Progress notices go to
+the ``vit_explain.pipeline`` logger.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterator, Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from .atomic import save_json, save_npy, save_png
+from .discovery import InputImage
 from .errors import ImageError
-from .outputs import InputImage, ReportEntry, output_stem, overlay, save_json, save_npy, save_png
+from .outputs import output_stem, overlay
 from .outputs.placement import model_box
 from .runtime import Explainer
 from .runtime.images import input_notices, load_image
-from .runtime.rollout import CLASS_SPECIFIC_METHODS
+from .methods import CLASS_SPECIFIC_METHODS
 
-__all__ = ["FORMATS", "ExplainSettings", "ImageOutcome", "explain_images", "map_label", "outputs_for", "report_entries"]
+__all__ = ["FORMATS", "ExplainSettings", "ImageOutcome", "Preview", "explain_images", "map_label", "outputs_for", "thumbnail"]
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("png", "npy", "json")
 
@@ -57,11 +63,23 @@ class ExplainSettings:
 
 
 @dataclass
+class Preview:
+    """What a report shows of an image explained in this run, kept from memory so the report
+    reads back nothing the run just wrote: thumbnails, and the JSON record (``{}`` when no JSON
+    was written, so that the report says what it would say reading the files)."""
+
+    thumb: Image.Image
+    overlays: dict[str, Image.Image]  # map label -> thumbnail of its overlay, as written
+    record: dict
+
+
+@dataclass
 class ImageOutcome:
     item: InputImage
     status: str  # "done", "skipped" or "failed"
     error: str | None = None
     files: dict[str, Path] = field(default_factory=dict)  # as outputs_for names them
+    preview: Preview | None = None  # only when asked for (``previews``), for images done now
 
 
 def map_label(method: str, category: int | None, default_target: str = "top1") -> str:
@@ -114,13 +132,16 @@ def explain_images(
     output_dir: Path,
     settings: ExplainSettings,
     batch_size: int = 8,
-    notify: Callable[[str], None] = lambda message: None,
+    previews: int = 0,
 ) -> Iterator[ImageOutcome]:
     """Explain ``items`` in batches, yielding one outcome per image as soon as it is written.
 
-    ``notify`` gets one line per odd input that is still explained (an animated image's first
-    frame, an image far smaller than the model's input), so nothing is changed silently.
+    Each image is decoded once; the odd ones that are still explained (an animated image's
+    first frame, an image far smaller than the model's input) get one INFO line on the
+    ``vit_explain.pipeline`` logger, so nothing is changed silently. ``previews``: the first
+    that many of ``items`` done in this run carry a :class:`Preview` (for a report).
     Closing the generator (Ctrl-C) cancels the queued file work and waits for the running part."""
+    wanted = {id(item) for item in items[:previews]}
     pending: list[tuple[InputImage, dict[str, Path]]] = []
     for item in items:
         try:
@@ -145,28 +166,31 @@ def explain_images(
                     yield ImageOutcome(item, "failed", str(image))
                 else:
                     for notice in input_notices(image, explainer.metadata.preprocess.input_size[1:]):
-                        notify(f"{item.path}: {notice}")
+                        logger.info("%s: %s", item.path, notice)
                     loaded.append((item, files, image))
             if loaded:
-                yield from _explain_batch(explainer, loaded, settings, pool)
+                yield from _explain_batch(explainer, loaded, settings, pool, wanted)
     finally:  # also on Ctrl-C or an early close: queued writes are dropped, a rerun redoes them
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _load_or_error(item: InputImage) -> Image.Image | ImageError:
+    """The one decode of an image file (on the file pool), or the reason it cannot be read."""
     try:
         return load_image(item.path)
     except ImageError as exc:
         return exc
 
 
-def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings, pool: ThreadPoolExecutor) -> Iterator[ImageOutcome]:
+def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings, pool: ThreadPoolExecutor,
+                   wanted: set[int]) -> Iterator[ImageOutcome]:
+    """One ``Explainer.explain`` call per map category on the decoded images: the explainer cuts
+    the batch into parts that each go from image to mask on one core (the benchmark's route)."""
     images = [image for _, _, image in loaded]
-    pixels = explainer.preprocess(images)
     per_category = []
     for category in _map_categories(settings):
         result = explainer.explain(
-            pixels, method=settings.method, head_fusion=settings.head_fusion,
+            images, method=settings.method, head_fusion=settings.head_fusion,
             discard_ratio=settings.discard_ratio, category_index=category, start_layer=settings.start_layer,
         )
         per_category.append((category, result))
@@ -175,17 +199,19 @@ def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings, pool
     def write(index: int) -> ImageOutcome:
         item, files, image = loaded[index]
         try:
-            return _write_outputs(item, files, image, index, per_category, top5[index], explainer, settings)
+            return _write_outputs(item, files, image, index, per_category, top5[index], explainer, settings,
+                                  id(item) in wanted)
         except OSError as exc:
             return ImageOutcome(item, "failed", f"cannot write outputs for {item.path}: {exc}")
 
     yield from pool.map(write, range(len(loaded)))
 
 
-def _write_outputs(item, files, image, index, per_category, top5, explainer, settings) -> ImageOutcome:
+def _write_outputs(item, files, image, index, per_category, top5, explainer, settings, preview: bool) -> ImageOutcome:
+    """Every file of one image, its JSON last; with ``preview``, the report's thumbnails too."""
     meta = explainer.metadata
     box = model_box(image.size, meta)  # where the model looked: the overlay paints only there
-    maps = []
+    maps, overlays = [], {}
     for category, result in per_category:
         label = map_label(settings.method, category, settings.default_target)
         mask = result.masks[index]
@@ -194,95 +220,33 @@ def _write_outputs(item, files, image, index, per_category, top5, explainer, set
         if explained is not None:
             entry["category_name"] = meta.class_name(explained)
         if f"{label}.png" in files:
-            save_png(files[f"{label}.png"], overlay(image, mask, settings.colormap, settings.alpha, box))
+            painted = overlay(image, mask, settings.colormap, settings.alpha, box)
+            save_png(files[f"{label}.png"], painted)
             entry["overlay"] = files[f"{label}.png"].name
+            if preview:
+                overlays[label] = thumbnail(painted.convert("RGB"))
         if f"{label}.npy" in files:
             save_npy(files[f"{label}.npy"], mask)
             entry["mask"] = files[f"{label}.npy"].name
         maps.append(entry)
+    record = {
+        "source": str(item.path),
+        "image_size": list(image.size),
+        "crop_window": [round(v, 4) for v in box],  # the .npy grid's area, in image pixels
+        "model": {"source_model": meta.source_model, "weights": meta.weights, "file": str(explainer.session.path)},
+        "settings": settings.recorded(),
+        "grid_size": list(meta.grid_size),
+        "maps": maps,
+        "predictions": [{"index": i, "name": name, "probability": round(p, 6)} for i, name, p in top5],
+    }
     if "json" in files:
-        save_json(
-            files["json"],
-            {
-                "source": str(item.path),
-                "image_size": list(image.size),
-                "crop_window": [round(v, 4) for v in box],  # the .npy grid's area, in image pixels
-                "model": {"source_model": meta.source_model, "weights": meta.weights, "file": str(explainer.session.path)},
-                "settings": settings.recorded(),
-                "grid_size": list(meta.grid_size),
-                "maps": maps,
-                "predictions": [
-                    {"index": i, "name": name, "probability": round(p, 6)} for i, name, p in top5
-                ],
-            },
-        )
-    return ImageOutcome(item, "done", files=files)
+        save_json(files["json"], record)
+    shown = Preview(thumbnail(image), overlays, record if "json" in files else {}) if preview else None
+    return ImageOutcome(item, "done", files=files, preview=shown)
 
 
-def report_entries(outcomes: Sequence[ImageOutcome], limit: int = 1000, report_dir: Path | None = None) -> list[ReportEntry]:
-    """Report rows rebuilt from the files on disk, so resumed (skipped) images appear too.
-
-    Thumbnails are made one image at a time; ``limit`` bounds the report for huge runs.
-    ``report_dir``: where the report will be, so that each map links to its full-size overlay
-    (and the source to the photo) by a relative path, which survives moving the whole folder.
-    """
-    entries = []
-    for outcome in outcomes[:limit]:
-        source = str(outcome.item.path)
-        if outcome.status == "failed":
-            entries.append(ReportEntry(source, None, error=outcome.error))
-            continue
-        try:
-            entries.append(_report_entry(outcome, source, report_dir))
-        except (OSError, ValueError, KeyError, ImageError) as exc:
-            entries.append(ReportEntry(source, None, error=f"cannot show outputs: {exc}"))
-    return entries
-
-
-def _thumbnail(image: Image.Image, width: int = 200) -> Image.Image:
+def thumbnail(image: Image.Image, width: int = 200) -> Image.Image:
     """A copy at most ``width`` wide and ``4 * width`` tall: reports never hold full-size photos."""
     image = image.copy()
     image.thumbnail((width, width * 4))
     return image
-
-
-def _href(path: Path, report_dir: Path) -> str:
-    """``path`` as a link from a page in ``report_dir``: relative and URL-quoted (``#`` or a space
-    in a file name must not cut the link), or a ``file:`` URI where no relative path exists."""
-    import os
-    from urllib.parse import quote
-
-    try:
-        return quote(Path(os.path.relpath(Path(path).resolve(), Path(report_dir).resolve())).as_posix())
-    except ValueError:  # another drive (Windows)
-        return Path(path).resolve().as_uri()
-
-
-def _map_caption(label: str, recorded: dict) -> str:
-    """``"grad_rollout: bull mastiff"`` for the file label ``grad_rollout.243``: people read class
-    names, not indices (the index stays in the file name and the JSON)."""
-    method = label.split(".", 1)[0]
-    if recorded.get("category_name"):
-        return f"{method}: {recorded['category_name']}"
-    if label.endswith(".features"):
-        return f"{method}: own features"
-    return label
-
-
-def _report_entry(outcome: ImageOutcome, source: str, report_dir: Path | None = None) -> ReportEntry:
-    thumb = _thumbnail(load_image(outcome.item.path))
-    data = json.loads(outcome.files["json"].read_text(encoding="utf-8")) if "json" in outcome.files else {}
-    recorded = {m.get("label"): m for m in data.get("maps", [])}
-    maps, links = [], {}
-    if report_dir is not None:
-        links["source"] = _href(outcome.item.path, report_dir)
-    for key, path in outcome.files.items():
-        if key.endswith(".png"):
-            label = key.removesuffix(".png")
-            caption = _map_caption(label, recorded.get(label, {}))
-            with Image.open(path) as overlay_image:
-                maps.append((caption, _thumbnail(overlay_image.convert("RGB"))))
-            if report_dir is not None:
-                links[caption] = _href(path, report_dir)
-    predictions = [(p["name"], float(p["probability"])) for p in data.get("predictions", [])[:3]]
-    return ReportEntry(source, thumb, maps=maps, predictions=predictions, links=links)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputError
-from ..outputs.files import atomic_writer, save_json
+from ..atomic import atomic_writer, save_json
 from .metrics import METRICS
 from .result import RANDOM, EvaluationResult
 

@@ -1,167 +1,26 @@
-"""Finding input images and writing outputs safely.
+"""Finding the input images: files, folders (recursive) and glob patterns, each file once.
 
-Two promises to users live here:
-
-* an output file is either the complete old one or the complete new one, never
-  half written (a crash, Ctrl-C or full disk leaves no truncated PNG behind), and
-* outputs of different inputs never overwrite each other and never land outside
-  the output folder, whatever the input file names are.
+It lives apart from :mod:`vit_explain.outputs` because it is about inputs; it uses the output
+naming only to give clashing inputs (``a/cat.png`` twice via two patterns, ``Cat.png`` beside
+``cat.png`` on a case-insensitive disk) names whose outputs cannot overwrite each other.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import json
 import os
-import re
-import tempfile
-import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
 
-import numpy as np
 from PIL import Image
 
-__all__ = [
-    "InputImage",
-    "atomic_writer",
-    "atomic_write_bytes",
-    "save_png",
-    "save_npy",
-    "save_json",
-    "discover_images",
-    "output_stem",
-    "sniff_image",
-    "looks_like_image",
-    "PHOTO_SUFFIXES",
-]
+from .atomic import PathLike
+from .outputs.naming import stem_rel
 
-PathLike = str | os.PathLike[str]
+__all__ = ["InputImage", "PHOTO_SUFFIXES", "discover_images", "looks_like_image", "sniff_image"]
 
-
-# --------------------------------------------------------------------------- #
-# Atomic writes
-# --------------------------------------------------------------------------- #
-
-
-def _current_umask() -> int:
-    """The process umask, so finished files get normal permissions.
-
-    NamedTemporaryFile creates files 0600; without fixing that, every output
-    would be unreadable to other users, unlike files written with ``open``.
-    """
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories can't be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_writer(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temp file next to ``path``; on success it replaces ``path`` atomically.
-
-    The temp file lives in the same directory so ``os.replace`` is a rename on one
-    filesystem (atomic), and is named ``.<name>.*.tmp`` so it is hidden and easy to
-    recognise. On any exception the temp file is removed and the error re-raised:
-    the final path is never left half written. Missing parent folders are created.
-    Text modes write UTF-8.
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_writer mode must be 'wb' or 'w', got {mode!r}")
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    encoding = None if "b" in mode else "utf-8"
-    tmp = tempfile.NamedTemporaryFile(
-        mode=mode,
-        dir=final.parent,
-        delete=False,
-        prefix="." + final.name + ".",
-        suffix=".tmp",
-        encoding=encoding,
-    )
-    tmp_path = Path(tmp.name)
-    try:
-        with tmp:
-            yield tmp
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-    _fsync_dir(final.parent)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` all-or-nothing (see :func:`atomic_writer`)."""
-    with atomic_writer(path, "wb") as f:
-        f.write(data)
-
-
-def save_png(path: PathLike, image: Image.Image) -> None:
-    """Save ``image`` as PNG atomically (the format is PNG whatever the suffix).
-
-    zlib level 1 instead of Pillow's 6: on large photos encoding dominates the run. For a
-    4-megapixel overlay level 1 took 305 ms against 478 ms at level 3 (and ~1.2 s at 6), for a
-    file 5% larger than level 3's.
-    """
-    with atomic_writer(path, "wb") as f:
-        image.save(f, format="PNG", compress_level=1)
-
-
-def save_npy(path: PathLike, array: np.ndarray) -> None:
-    """Save ``array`` in ``.npy`` format atomically, without pickling objects."""
-    with atomic_writer(path, "wb") as f:
-        np.save(f, np.asarray(array), allow_pickle=False)
-
-
-def _json_default(obj: Any) -> Any:
-    """Let ``json`` write numpy scalars/arrays and paths, which results often contain."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-def save_json(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON atomically (numpy values allowed).
-
-    The JSON is streamed into the temp file, so an unserialisable value deep in
-    ``obj`` aborts the write and leaves the previous file (if any) untouched.
-    """
-    with atomic_writer(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
-        f.write("\n")
-
-
-# --------------------------------------------------------------------------- #
-# Input discovery
-# --------------------------------------------------------------------------- #
 
 
 @dataclass(frozen=True)
@@ -273,7 +132,7 @@ class _Collector:
         Keys are compared case-insensitively because macOS and Windows folders are.
         """
         candidate, n = rel, 1
-        while (key := str(_stem_rel(candidate)).casefold()) in self.seen_keys:
+        while (key := str(stem_rel(candidate)).casefold()) in self.seen_keys:
             n += 1
             candidate = rel.with_name(f"{rel.stem}-{n}{rel.suffix}")
         self.seen_keys.add(key)
@@ -353,58 +212,3 @@ def discover_images(
         if problem is not None:
             problems.append((item, problem))
     return col.images, problems
-
-
-# --------------------------------------------------------------------------- #
-# Output naming
-# --------------------------------------------------------------------------- #
-
-# Characters refused on Windows or awkward in shells/URLs; dots are replaced in
-# the final stem so that callers can add ".overlay.png"-style suffixes unambiguously.
-_UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
-_MAX_PART = 120  # characters; keeps long names under common 255-byte limits even in UTF-8 + suffixes
-
-
-def _clean_part(part: str) -> str:
-    """Make one path component safe: no separators, no trailing dots/spaces, not reserved."""
-    if part.strip("/") in ("", ".", ".."):  # root ("/" or "//") of an absolute rel, or traversal
-        return ""
-    part = unicodedata.normalize("NFC", part)
-    part = _UNSAFE.sub("_", part)[:_MAX_PART].strip().rstrip(". ")
-    if part in ("", ".", ".."):
-        return ""
-    if part.split(".")[0].casefold() in _WINDOWS_RESERVED:
-        part = "_" + part
-    return part
-
-
-def _stem_rel(rel: PurePosixPath) -> PurePosixPath:
-    """The output stem for ``rel`` relative to the output folder (pure, no I/O).
-
-    ``a/cat.png`` -> ``a/cat_png``: the folder is kept (``a`` and ``b`` differ) and
-    the extension folded into the name (``cat.png`` and ``cat.jpg`` differ).
-    ``..``, root, drive letters and empty components are dropped or neutralised.
-    """
-    parts = [p for p in (_clean_part(x) for x in rel.parts[:-1]) if p]
-    name = rel.name if rel.parts else ""
-    stem = name.replace(".", "_")
-    stem = _clean_part(stem) or "image"
-    return PurePosixPath(*parts, stem)
-
-
-def output_stem(output_dir: Path, rel: PurePosixPath) -> Path:
-    """Where the outputs for one image go: ``output_dir / folders / name_ext``.
-
-    Callers append their own suffix, e.g. ``stem.with_name(stem.name + ".rollout.png")``;
-    the stem contains no dot, so such names cannot clash between images. Raises
-    ValueError if the result would not be inside ``output_dir`` (e.g. a symlinked
-    sub-folder pointing elsewhere), so nothing is ever written outside it.
-    """
-    output_dir = Path(output_dir)
-    result = output_dir / Path(*_stem_rel(PurePosixPath(rel)).parts)
-    root = output_dir.resolve()
-    resolved = result.resolve()
-    if resolved == root or not resolved.is_relative_to(root):
-        raise ValueError(f"refusing to write outside the output folder: {result}")
-    return result
