@@ -251,7 +251,7 @@ ROW_NOISE = 1e-8
 
 def fused_maps(attentions: np.ndarray, gradients: np.ndarray | None, head_fusion: str) -> np.ndarray:
     """Each layer's fused map before the discard step, ``[L, B, N * N]`` float64 (the rollout's step 1)."""
-    from vit_explain.runtime.rollout import fuse_heads
+    from vit_explain.methods.fusion import fuse_heads
 
     fused = []
     for layer, attention in enumerate(attentions.astype(np.float64)):
@@ -329,7 +329,7 @@ def mask_comparison(
       differ by at most ``2 d`` more, and after dividing by the peak ``p`` (itself moved by at most
       as much) the masks by at most ``4 d / (p - 2 d)``.
     """
-    from vit_explain.runtime.rollout import rollout_rows
+    from vit_explain.methods.relevance import rollout_rows
 
     mass = discard_disagreement(
         fused_maps(attentions_a, gradients_a, head_fusion),

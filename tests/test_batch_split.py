@@ -88,7 +88,7 @@ def test_parts_cover_the_batch_in_order_with_a_short_first_part(deit, threads, b
     the others a full part but the last; in order, every image once; and on a pool that hands
     each free thread the next part, the busiest thread has no more images than with equal parts."""
     explainer = Explainer(deit.path, device="cpu", threads=threads)
-    parts = explainer._parts(batch)
+    parts = explainer.scheduler.parts(batch)
     assert [i for part in parts for i in range(part.start, part.stop)] == list(range(batch))
     sizes = [part.stop - part.start for part in parts]
     size = max(sizes)

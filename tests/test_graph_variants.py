@@ -37,12 +37,9 @@ from vit_explain.graph import (
 )
 from vit_explain.runtime import Explainer
 from vit_explain.runtime import session as session_module
-from vit_explain.runtime.rollout import (
-    _select_bracketed,
-    _weighted_head_mean,
-    fuse_heads,
-    kth_smallest,
-)
+from vit_explain.methods.fusion import fuse_heads
+from vit_explain.methods.fusion import weighted_head_mean as _weighted_head_mean
+from vit_explain.methods.selection import _select_bracketed, kth_smallest
 from vit_explain.runtime.session import ModelSession
 
 HEAD_FUSIONS = ["mean", "max", "min"]

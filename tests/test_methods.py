@@ -10,18 +10,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vit_explain.runtime.explainer import DEFAULT_HEAD_FUSION, Explainer
-from vit_explain.runtime.rollout import (
-    HEAD_FUSIONS,
-    METHODS,
+from vit_explain.methods import DEFAULT_HEAD_FUSION, HEAD_FUSIONS, SettingsError, check_start_layer, resolve_settings
+from vit_explain.methods import METHOD_NAMES as METHODS
+from vit_explain.methods.registry import METHODS as RECORDS
+from vit_explain.methods.relevance import (
     attention_masks,
     attention_rows,
-    check_start_layer,
     gae_masks,
     gae_rows,
     rollout_masks,
     rollout_rows,
 )
+from vit_explain.methods.settings import resolve_for_methods
+from vit_explain.runtime import Explainer
 
 
 # --------------------------------------------------------------------------- #
@@ -246,13 +247,17 @@ def test_rollout_default_unchanged_against_torch_reference():
 
 
 @pytest.fixture
-def bare_explainer():
-    """An Explainer without a session: enough for resolve_settings, which reads no state."""
-    return Explainer.__new__(Explainer)
+def resolve():
+    """resolve_settings as the (method, head_fusion, discard_ratio) the Explainer once returned."""
+
+    def call(method, head_fusion, discard_ratio, has_category):
+        settings = resolve_settings(method, head_fusion, discard_ratio, has_category=has_category)
+        return settings.method, settings.head_fusion, settings.discard_ratio
+
+    return call
 
 
-def test_resolve_settings_per_method(bare_explainer):
-    resolve = bare_explainer.resolve_settings
+def test_resolve_settings_per_method(resolve):
     assert resolve(None, None, None, False) == ("rollout", "max", 0.9)
     assert resolve(None, None, None, True) == ("grad_rollout", "mean", 0.9)
     assert resolve("gae", None, None, True) == ("gae", None, None)
@@ -269,6 +274,42 @@ def test_resolve_settings_per_method(bare_explainer):
         resolve("lrp", None, None, False)
     with pytest.raises(ValueError, match="head fusion"):
         resolve("attention", "median", None, False)
+
+
+def test_every_record_names_its_maths_and_consistent_facts():
+    for name, record in RECORDS.items():
+        assert record.name == name and callable(record.relevance) and record.summary
+        assert (record.default_head_fusion is None) == (not record.head_fusions)
+        assert record.default_head_fusion is None or record.default_head_fusion in record.head_fusions
+        # a method that refuses a setting says why
+        if not (record.uses_head_fusion and record.uses_discard_ratio and record.uses_start_layer):
+            assert record.why_unused
+    assert [r.name for r in RECORDS.values() if r.class_specific] == ["grad_rollout", "gae"]
+
+
+def test_settings_errors_name_the_settings_for_python_and_for_flags():
+    flags = {"head_fusion": "--head-fusion", "discard_ratio": "--discard-ratio", "start_layer": "--start-layer"}.get
+    with pytest.raises(SettingsError) as caught:
+        resolve_settings("attention", None, 0.5, 1)
+    assert str(caught.value).startswith("discard_ratio and start_layer do not apply to attention: last-layer")
+    assert caught.value.message_for(flags).startswith("--discard-ratio and --start-layer do not apply to attention")
+    assert caught.value.blame == "method"
+    with pytest.raises(SettingsError, match=r"category_index applies to grad_rollout and gae, not rollout"):
+        resolve_settings("rollout", has_category=True, refuse_category=True)
+    assert resolve_settings("rollout", has_category=True).method == "rollout"  # the Python API lets it pass
+    with pytest.raises(SettingsError, match=r"0\.\.1 \(the model has 2 layers\)") as caught:
+        resolve_settings("gae", start_layer=2, num_layers=2)
+    assert caught.value.blame == "start_layer"
+    assert resolve_settings("gae", start_layer=2).start_layer == 2  # no model yet: the range waits
+
+
+def test_settings_for_several_methods_go_where_they_apply():
+    resolved = resolve_for_methods(METHODS, "min", 0.5, 1, num_layers=3)
+    assert resolved["gae"] == resolve_settings("gae", start_layer=1)
+    assert resolved["attention"] == resolve_settings("attention", "min")
+    assert resolved["rollout"] == resolve_settings("rollout", "min", 0.5, 1)
+    with pytest.raises(SettingsError, match="discard_ratio does not apply to gae or attention"):
+        resolve_for_methods(["gae", "attention"], discard_ratio=0.5)
 
 
 # --------------------------------------------------------------------------- #

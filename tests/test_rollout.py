@@ -12,13 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vit_explain.runtime.rollout import (
-    discard_lowest,
-    fuse_heads,
-    rollout_masks,
-    rollout_rows,
-    scale_to_unit_max,
-)
+from vit_explain.methods.chain import scale_to_unit_max
+from vit_explain.methods.fusion import fuse_heads
+from vit_explain.methods.relevance import rollout_masks, rollout_rows
+from vit_explain.methods.selection import discard_lowest
 
 
 def stack(*layers: np.ndarray) -> np.ndarray:

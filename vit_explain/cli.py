@@ -22,8 +22,7 @@ import click
 from . import __version__
 from .errors import OutputError, VitExplainError
 
-HEAD_FUSIONS = ("mean", "min", "max")
-METHODS = ("rollout", "grad_rollout", "gae", "attention")  # kept literal: importing the runtime is slower
+from .methods import HEAD_FUSIONS, METHOD_NAMES  # the registry imports no numpy: --help stays fast
 
 
 #: The CLI's own progress lines; the library's modules log under "vit_explain.<module>".
@@ -222,7 +221,7 @@ def _file_sha256(path: Path) -> str:
               help="An exported .onnx file, or a timm model name (exported once into the cache). [default: deit_tiny_patch16_224]")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-out"), show_default=True,
               help="Folder for the maps (created; checked writable before any work).")
-@click.option("--method", type=click.Choice(METHODS), help="Default: rollout, or grad_rollout when --category-index is given.")
+@click.option("--method", type=click.Choice(METHOD_NAMES), help="Default: rollout, or grad_rollout when --category-index is given.")
 @click.option("--head-fusion", type=click.Choice(HEAD_FUSIONS), help="Default: max for rollout, mean for grad_rollout and attention.")
 @click.option("--discard-ratio", type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Share of the lowest attentions dropped per layer, in [0, 1). [default: 0.9]")
@@ -271,9 +270,9 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
         with _open_explainer(model, device, threads) as explainer:
             meta = explainer.metadata
             categories = _check_categories(category_index, meta)
-            method, head_fusion, discard_ratio = _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories)
+            resolved = _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories)
             settings = ExplainSettings(
-                method, head_fusion, discard_ratio, categories, "top1" if meta.output_kind == "logits" else "features",
+                resolved.method, resolved.head_fusion, resolved.discard_ratio, categories, "top1" if meta.output_kind == "logits" else "features",
                 tuple(formats) or FORMATS, colormap, alpha, overwrite, start_layer, meta.weights_sha256,
             )
             _check_output_dir(output_dir)
@@ -356,33 +355,44 @@ def _check_categories(category_index: tuple[int, ...], meta) -> tuple[int, ...] 
     return tuple(category_index) or None
 
 
-def _check_method_flags(method, head_fusion, discard_ratio, start_layer, categories) -> str:
-    """The method, and a usage error for a flag it does not use (with the reason, the rule
-    ``Explainer.resolve_settings`` applies in Python): checked before any model is opened."""
-    from .runtime.explainer import USES_DISCARD_RATIO, USES_HEAD_FUSION, USES_START_LAYER, WHY_UNUSED
-    from .runtime.rollout import CLASS_SPECIFIC_METHODS
+#: The CLI's name for each setting a SettingsError may name or blame.
+_FLAGS = {
+    "method": "--method", "head_fusion": "--head-fusion", "discard_ratio": "--discard-ratio",
+    "start_layer": "--start-layer", "category_index": "--category-index",
+}
 
-    chosen = method or ("grad_rollout" if categories else "rollout")
-    if categories and chosen not in CLASS_SPECIFIC_METHODS:
-        raise click.BadParameter(f"--category-index applies to {' and '.join(CLASS_SPECIFIC_METHODS)}, not {chosen}", param_hint="--method")
-    unused = [
-        flag for flag, given, users in (
-            ("--head-fusion", head_fusion is not None, USES_HEAD_FUSION),
-            ("--discard-ratio", discard_ratio is not None, USES_DISCARD_RATIO),
-            ("--start-layer", start_layer != 0, USES_START_LAYER),
-        ) if given and chosen not in users
-    ]
-    if unused:
-        verb = "do" if len(unused) > 1 else "does"
-        raise click.BadParameter(f"{' and '.join(unused)} {verb} not apply to {chosen}: {WHY_UNUSED[chosen]}", param_hint="--method")
-    return chosen
+
+def _bad_settings(error) -> click.BadParameter:
+    """A :class:`~vit_explain.methods.SettingsError` as a usage error: the Python API's sentence
+    with the flags' names, pointing at the option to change."""
+    return click.BadParameter(error.message_for(_FLAGS.__getitem__), param_hint=_FLAGS[error.blame])
+
+
+def _check_method_flags(method, head_fusion, discard_ratio, start_layer, categories) -> str:
+    """The method, and a usage error for a flag it does not use (with the reason): the one
+    ``resolve_settings``, applied before any model is opened (the layer count comes later)."""
+    from .methods import SettingsError, resolve_settings
+
+    try:
+        chosen = resolve_settings(
+            method, head_fusion, discard_ratio, start_layer, has_category=bool(categories), refuse_category=True
+        )
+    except SettingsError as exc:
+        raise _bad_settings(exc) from None
+    return chosen.method
 
 
 def _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories):
     """Defaults per method, once the model is known (its layer count bounds --start-layer)."""
-    if start_layer >= explainer.metadata.num_layers:
-        raise click.BadParameter(f"the model has {explainer.metadata.num_layers} layers (0..{explainer.metadata.num_layers - 1})", param_hint="--start-layer")
-    return explainer.resolve_settings(chosen, head_fusion, discard_ratio, bool(categories))
+    from .methods import SettingsError, resolve_settings
+
+    try:
+        return resolve_settings(
+            chosen, head_fusion, discard_ratio, start_layer, has_category=bool(categories), refuse_category=True,
+            num_layers=explainer.metadata.num_layers,
+        )
+    except SettingsError as exc:
+        raise _bad_settings(exc) from None
 
 
 #: The most images a report shows (thumbnails of the first ones, kept while the files are written).
@@ -459,8 +469,8 @@ def _write_report(items, outcomes, problems, output_dir: Path, explainer, settin
 
 def _report_context(meta, settings):
     """The model and the settings a report shows above its maps, in words."""
+    from .methods import CLASS_SPECIFIC_METHODS
     from .outputs.report import ReportContext
-    from .runtime.rollout import CLASS_SPECIFIC_METHODS
 
     if settings.categories:
         explained = ", ".join(f"{i} ({meta.class_name(i)})" for i in settings.categories)
@@ -483,7 +493,7 @@ def _report_context(meta, settings):
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-m", "--model", default=None, metavar="FILE|NAME", help="As for explain. [default: deit_tiny_patch16_224]")
-@click.option("--method", "methods", type=click.Choice(METHODS), multiple=True,
+@click.option("--method", "methods", type=click.Choice(METHOD_NAMES), multiple=True,
               help="Method to evaluate (repeatable). [default: all four] A seeded random map is always added.")
 @click.option("--head-fusion", type=click.Choice(HEAD_FUSIONS),
               help="As for explain, given to the methods that fuse heads. Default: max for rollout, mean for grad_rollout and attention.")
@@ -516,7 +526,7 @@ def evaluate(inputs, model, methods, head_fusion, discard_ratio, start_layer, ca
     explainer = _open_explainer(model, device, threads)
     if category_index is not None:
         _check_categories((category_index,), explainer.metadata)
-    methods = tuple(methods) or METHODS
+    methods = tuple(methods) or METHOD_NAMES
     method_settings = _evaluation_settings(explainer, methods, head_fusion, discard_ratio, start_layer)
     try:  # minutes of work must not end in a write that could never succeed
         check_writable(output_dir)
@@ -543,28 +553,18 @@ def _evaluation_settings(explainer, methods: tuple[str, ...], head_fusion, disca
     methods that use it (``--head-fusion min`` with the default four leaves gae alone); a flag
     that none of them uses would change nothing, and is refused as explain refuses it.
     """
-    from .runtime.explainer import USES_DISCARD_RATIO, USES_HEAD_FUSION, USES_START_LAYER
+    from .methods import SettingsError, resolve_for_methods
 
-    unused = [
-        flag for flag, given, users in (
-            ("--head-fusion", head_fusion is not None, USES_HEAD_FUSION),
-            ("--discard-ratio", discard_ratio is not None, USES_DISCARD_RATIO),
-            ("--start-layer", start_layer != 0, USES_START_LAYER),
-        ) if given and not set(methods) & set(users)
-    ]
-    if unused:
-        raise click.BadParameter(f"{', '.join(unused)} does not apply to {' or '.join(methods)}", param_hint="--method")
+    try:
+        resolved = resolve_for_methods(methods, head_fusion, discard_ratio, start_layer, explainer.metadata.num_layers)
+    except SettingsError as exc:
+        raise _bad_settings(exc) from None
     settings = {}
-    for method in methods:
-        layer = start_layer if method in USES_START_LAYER else 0
-        _, fusion, ratio = _resolve_method(
-            explainer, method, head_fusion if method in USES_HEAD_FUSION else None,
-            discard_ratio if method in USES_DISCARD_RATIO else None, layer, None,
-        )
-        chosen = {"head_fusion": fusion, "discard_ratio": ratio}
-        settings[method] = {key: value for key, value in chosen.items() if value is not None}
-        if method in USES_START_LAYER:
-            settings[method]["start_layer"] = layer
+    for method, chosen in resolved.items():
+        given = {"head_fusion": chosen.head_fusion, "discard_ratio": chosen.discard_ratio}
+        settings[method] = {key: value for key, value in given.items() if value is not None}
+        if chosen.record.uses_start_layer:
+            settings[method]["start_layer"] = chosen.start_layer
     return settings
 
 

@@ -10,15 +10,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vit_explain.methods import DEFAULT_DISCARD_RATIO, DEFAULT_HEAD_FUSION
+
 __all__ = [
     "PIPELINES", "PAUSE_S", "HEAD_FUSION", "DISCARD_RATIO", "MIB",
     "PipelineStats", "BenchRow", "categories_for", "format_table", "machine_info",
 ]
 
 PIPELINES = ("reference", "runtime", "graph")
-#: Same settings on both sides: the runtime's defaults (max fusion for rollout, mean for gradients).
-HEAD_FUSION = {"rollout": "max", "grad_rollout": "mean"}
-DISCARD_RATIO = 0.9
+#: Same settings on both sides: the runtime's defaults (the registry's), for the methods the
+#: PyTorch reference also computes.
+HEAD_FUSION = {name: DEFAULT_HEAD_FUSION[name] for name in ("rollout", "grad_rollout")}
+DISCARD_RATIO = DEFAULT_DISCARD_RATIO
 #: Seconds between two pipelines' calls. onnxruntime's intra-op threads keep spinning for about
 #: 45 ms after a multi-threaded call returns (2-core AMD EPYC: 42 ms of CPU within 50 ms of the
 #: return, 8 ms more over the next 350 ms), PyTorch's OpenMP threads for about 8 ms. With the

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..runtime.explainer import expand_category_index, softmax
-from ..runtime.rollout import METHODS
+from ..methods import METHOD_NAMES
+from ..runtime.explainer import softmax
+from ..runtime.inputs import expand_category_index
 from .metrics import METRIC_NAMES, METRICS, cosine_similarity
 from .perturbation import (
     BASELINES,
@@ -337,17 +338,17 @@ def _methods(methods: Sequence[str]) -> tuple[list[str], bool]:
     wants_random = RANDOM in methods
     methods = [m for m in methods if m != RANDOM]
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS + (RANDOM,))}, not {method!r}")
+        if method not in METHOD_NAMES:
+            raise ValueError(f"method must be one of {', '.join(METHOD_NAMES + (RANDOM,))}, not {method!r}")
     if not methods:
-        raise ValueError(f"give at least one of {', '.join(METHODS)} to evaluate")
+        raise ValueError(f"give at least one of {', '.join(METHOD_NAMES)} to evaluate")
     return methods, wants_random
 
 
 def evaluate(
     explainer,
     inputs,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = METHOD_NAMES,
     category_index: int | Sequence[int] | None = None,
     steps: int = DEFAULT_STEPS,
     batch_size: int = DEFAULT_BATCH_SIZE,
