@@ -47,7 +47,7 @@ class AttentionRecorder(contextlib.AbstractContextManager):
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fused_before: list[bool] = []
 
-    def __enter__(self) -> "AttentionRecorder":
+    def __enter__(self) -> AttentionRecorder:
         self._fused_before = [bool(m.fused_attn) for m in self.modules]
         for module in self.modules:
             module.fused_attn = False
@@ -58,7 +58,7 @@ class AttentionRecorder(contextlib.AbstractContextManager):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module, fused in zip(self.modules, self._fused_before):
+        for module, fused in zip(self.modules, self._fused_before, strict=False):
             module.fused_attn = fused
 
     def reset(self) -> None:

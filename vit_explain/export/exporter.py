@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..atomic import atomic_write_bytes
 from ..eager import weights_sha256
 from ..errors import ExportError
 from ..families import ModelFamily, ModelSpec, family_for
 from ..graph import make_gradients_optional
 from ..metadata import METADATA_KEY, ModelMetadata
-from ..atomic import atomic_write_bytes
 from .memory import (
     ModelShape,
     available_memory_bytes,

@@ -80,7 +80,7 @@ def gradients_inlined(model: onnx.ModelProto) -> onnx.ModelProto:
             branch = next(a.g for a in node.attribute if a.name == "then_branch")
             nodes.extend(branch.node)
             graph.initializer.extend(branch.initializer)
-            for branch_output, outer in zip(branch.output, node.output):
+            for branch_output, outer in zip(branch.output, node.output, strict=False):
                 nodes.append(helper.make_node("Identity", [branch_output.name], [outer], name=f"{_PREFIX}{outer}"))
             found = True
         else:
