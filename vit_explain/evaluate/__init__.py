@@ -14,7 +14,8 @@ onnxruntime (or any injected ``score_fn``).
 from .metrics import METRIC_NAMES, METRICS, MetricSpec, cosine_similarity, trapezoid_auc
 from .perturbation import BASELINES
 from .result import RANDOM, EvaluationResult
-from .runner import DEFAULT_BATCH_SIZE, DEFAULT_STEPS, ScoreFn, evaluate, evaluate_masks, session_score_fn
+from .curves import DEFAULT_BATCH_SIZE, DEFAULT_STEPS, ScoreFn, evaluate_masks
+from .runner import evaluate, session_score_fn
 from .writers import check_writable, save_csv, save_plot, save_result_json, write_outputs
 
 __all__ = [
