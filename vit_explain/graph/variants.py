@@ -40,14 +40,16 @@ from ..metadata import (
     OUTPUT_GRADIENTS,
     OUTPUT_LOGITS,
 )
+from ..methods import CLASS_SPECIFIC_METHODS, METHODS
 from .walk import copy_model, prune, topologically_sorted
 
 __all__ = ["FUSED_OUTPUT", "FUSED_METHODS", "forward_only", "gradients_inlined", "per_layer_outputs", "top1_class_weights", "fused_maps",
            "SessionKind", "fused_kind", "derive"]
 
 FUSED_OUTPUT = "fused_maps"
-#: Methods whose maths reads one head-fused map per layer (``attention`` reads the raw last layer).
-FUSED_METHODS = ("rollout", "grad_rollout", "gae")
+#: Methods whose maths reads one head-fused map per layer: the registry's ``fusable_in_graph``
+#: (``attention`` reads the raw last layer).
+FUSED_METHODS = tuple(method.name for method in METHODS.values() if method.fusable_in_graph)
 _REDUCERS = {"mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}
 _PREFIX = "vit_explain_fuse_"
 
@@ -226,8 +228,10 @@ SessionKind = str | tuple[str, str, str | None, bool]
 
 
 def fused_kind(method: str, head_fusion: str | None, top1: bool = False) -> tuple[str, str, str | None, bool]:
-    """The session kind of a fused graph; GAE has no head-fusion choice, so one graph serves any."""
-    return ("fused", method, None if method == "gae" else head_fusion, bool(top1 and method != "rollout"))
+    """The session kind of a fused graph. A method with no head-fusion choice (GAE) has one graph
+    whatever fusion is passed; ``top1`` only means something for a class-specific method."""
+    choice = method not in METHODS or METHODS[method].uses_head_fusion
+    return ("fused", method, head_fusion if choice else None, bool(top1 and method in CLASS_SPECIFIC_METHODS))
 
 
 def derive(
