@@ -22,11 +22,11 @@ from PIL import Image
 from .atomic import save_json, save_npy, save_png
 from .discovery import InputImage
 from .errors import ImageError
+from .methods import CLASS_SPECIFIC_METHODS
 from .outputs import output_stem, overlay
 from .outputs.placement import model_box
 from .runtime import Explainer
 from .runtime.images import input_notices, load_image
-from .methods import CLASS_SPECIFIC_METHODS
 
 __all__ = ["FORMATS", "ExplainSettings", "ImageOutcome", "Preview", "explain_images", "map_label", "outputs_for", "thumbnail"]
 
@@ -161,7 +161,7 @@ def explain_images(
     try:
         for batch in _batches(pending, batch_size):
             loaded: list[tuple[InputImage, dict[str, Path], Image.Image]] = []
-            for (item, files), image in zip(batch, pool.map(_load_or_error, [item for item, _ in batch])):
+            for (item, files), image in zip(batch, pool.map(_load_or_error, [item for item, _ in batch]), strict=True):
                 if isinstance(image, ImageError):
                     yield ImageOutcome(item, "failed", str(image))
                 else:

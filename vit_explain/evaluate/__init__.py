@@ -11,10 +11,10 @@ onnxruntime (or any injected ``score_fn``).
 >>> write_outputs(result, "eval-out")   # evaluation.csv / .json / .png
 """
 
+from .curves import DEFAULT_BATCH_SIZE, DEFAULT_STEPS, ScoreFn, evaluate_masks
 from .metrics import METRIC_NAMES, METRICS, MetricSpec, cosine_similarity, trapezoid_auc
 from .perturbation import BASELINES
 from .result import RANDOM, EvaluationResult
-from .curves import DEFAULT_BATCH_SIZE, DEFAULT_STEPS, ScoreFn, evaluate_masks
 from .runner import evaluate, session_score_fn
 from .writers import check_writable, save_csv, save_plot, save_result_json, write_outputs
 

@@ -74,7 +74,9 @@ class _Scorer:
         return cosine_similarity(outputs, self.clean[images]), None
 
 
-def _relevance_maps(masks: Mapping[str, np.ndarray], count: int, seed: int, include_random: bool) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+def _relevance_maps(
+    masks: Mapping[str, np.ndarray], count: int, seed: int, include_random: bool
+) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
     """The maps to evaluate, float64 ``[count, gh, gw]`` each, plus the seeded random one."""
     methods = [name for name in masks if name != RANDOM]
     if not methods:

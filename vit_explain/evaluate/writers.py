@@ -12,8 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import OutputError
 from ..atomic import atomic_writer, save_json
+from ..errors import OutputError
 from .metrics import METRICS
 from .result import RANDOM, EvaluationResult
 
@@ -49,7 +49,7 @@ def save_plot(result: EvaluationResult, path: str | os.PathLike, dpi: int = 110)
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, panels, squeeze=False)[0]
     label = "target probability" if result.score_kind == "probability" else "cosine similarity to clean features"
-    for ax, metric in zip(axes, result.metrics):
+    for ax, metric in zip(axes, result.metrics, strict=True):
         spec = METRICS[metric]
         x = result.fractions[metric]
         for method in result.methods:

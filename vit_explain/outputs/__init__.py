@@ -8,10 +8,10 @@ finding the input images is :mod:`vit_explain.discovery`'s job.
 from __future__ import annotations
 
 from ..atomic import atomic_write_bytes, atomic_writer, save_json, save_npy, save_png
+from .contact_sheet import render_contact_sheet, write_contact_sheet
 from .naming import output_stem
 from .overlay import available_colormaps, colorize, overlay, upsample_mask
 from .placement import Placement, grid_box, model_box, place_mask
-from .contact_sheet import render_contact_sheet, write_contact_sheet
 from .report import ReportContext, ReportEntry, render_html_report, write_html_report
 
 __all__ = [

@@ -145,7 +145,7 @@ def _render_page(
     if context is not None:
         y = _draw_colour_bar(sheet, draw, y, context.colormap, font, line_h)
     y += _PAD
-    for row, row_h in zip(rows, row_heights):
+    for row, row_h in zip(rows, row_heights, strict=True):
         images_h = row_h - 3 * line_h
         for col, tile in enumerate(row):
             x0 = _PAD + col * (tile_w + 2 * _PAD)
