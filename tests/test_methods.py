@@ -24,7 +24,6 @@ from vit_explain.methods.relevance import (
 from vit_explain.methods.settings import resolve_for_methods
 from vit_explain.runtime import Explainer
 
-
 # --------------------------------------------------------------------------- #
 # Independent full-matrix implementations
 # --------------------------------------------------------------------------- #

@@ -21,9 +21,7 @@ import click
 
 from . import __version__
 from .errors import OutputError, VitExplainError
-
 from .methods import HEAD_FUSIONS, METHOD_NAMES  # the registry imports no numpy: --help stays fast
-
 
 #: The CLI's own progress lines; the library's modules log under "vit_explain.<module>".
 logger = logging.getLogger("vit_explain.cli")
@@ -272,7 +270,8 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
             categories = _check_categories(category_index, meta)
             resolved = _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories)
             settings = ExplainSettings(
-                resolved.method, resolved.head_fusion, resolved.discard_ratio, categories, "top1" if meta.output_kind == "logits" else "features",
+                resolved.method, resolved.head_fusion, resolved.discard_ratio, categories,
+                "top1" if meta.output_kind == "logits" else "features",
                 tuple(formats) or FORMATS, colormap, alpha, overwrite, start_layer, meta.weights_sha256,
             )
             _check_output_dir(output_dir)

@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .registry import CLASS_SPECIFIC_METHODS, HEAD_FUSIONS, METHODS, Method, get_method
+from .registry import CLASS_SPECIFIC_METHODS, METHODS, Method, get_method
 
 __all__ = ["Settings", "SettingsError", "check_start_layer", "resolve_settings", "resolve_for_methods"]
 

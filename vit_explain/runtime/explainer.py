@@ -138,7 +138,7 @@ class Explainer:
         RuntimeError. Idempotent."""
         self.scheduler.close()
 
-    def __enter__(self) -> "Explainer":
+    def __enter__(self) -> Explainer:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -182,7 +182,7 @@ class Explainer:
             chosen = None if categories is None else categories[images]
             return self._explain_pixels(pixels, chosen, settings, single_thread)
 
-        masks, logits, explained = zip(*self.scheduler.run(batch, piece))
+        masks, logits, explained = zip(*self.scheduler.run(batch, piece), strict=True)
         return Explanation(
             np.concatenate(masks), np.concatenate(logits), settings.method, settings.head_fusion,
             settings.discard_ratio, tuple(i for part in explained for i in (part or ())) or None, meta,

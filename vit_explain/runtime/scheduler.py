@@ -116,4 +116,4 @@ class Scheduler:
         if single_thread or batch < 2 or self._pool is None:
             return work(slice(None))
         bounds = np.linspace(0, batch, min(self.workers, batch) + 1).astype(int)
-        return np.concatenate(list(self._pool.map(work, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])])))
+        return np.concatenate(list(self._pool.map(work, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])))
