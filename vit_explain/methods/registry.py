@@ -5,9 +5,10 @@ layer? can the graph fuse its heads?) used to be written in six modules, one a l
 in step by a test. Everything that needs them (the settings' checks, the CLI's choices and help,
 the Explainer's dispatch, the graph variants, the benchmark) reads them here.
 
-This module imports nothing but the standard library: the CLI builds its ``--method`` and
-``--head-fusion`` choices from it, and ``vit-explain --help`` must not wait for numpy. The maths
-is named by ``"module:function"`` and imported on first use (:attr:`Method.relevance`).
+This module imports nothing but the standard library, and little of it: the CLI builds its
+``--method`` and ``--head-fusion`` choices from it, and ``vit-explain --help`` must not wait for
+numpy (nor for ``dataclasses``: a record is a NamedTuple, as immutable and cheaper to define).
+The maths is named by ``"module:function"`` and imported on first use (:attr:`Method.relevance`).
 
 Adding a method: write ``def my_method(maps, settings, layout) -> rows`` in
 :mod:`.relevance` (usually a few lines over :func:`.chain.propagate`), then add one
@@ -18,9 +19,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # numpy only for the maths' signature
     import numpy as np
@@ -45,8 +45,7 @@ HEAD_FUSIONS = ("mean", "min", "max")
 DEFAULT_DISCARD_RATIO = 0.9
 
 
-@dataclass(frozen=True)
-class Method:
+class Method(NamedTuple):
     """The facts about one method that callers decide on, and where its maths is."""
 
     name: str
