@@ -18,7 +18,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from vit_explain import graph as graph_variants
 from vit_explain.errors import DeviceError, ModelFileError
+from vit_explain.graph import (
+    FUSED_OUTPUT,
+    forward_only,
+    fused_maps,
+    gradients_inlined,
+    per_layer_outputs,
+)
 from vit_explain.metadata import (
     INPUT_CLASS_WEIGHTS,
     INPUT_COMPUTE_GRADIENTS,
@@ -27,19 +35,11 @@ from vit_explain.metadata import (
     OUTPUT_GRADIENTS,
     OUTPUT_LOGITS,
 )
-from vit_explain import graph as graph_variants
-from vit_explain.graph import (
-    FUSED_OUTPUT,
-    forward_only,
-    fused_maps,
-    gradients_inlined,
-    per_layer_outputs,
-)
-from vit_explain.runtime import Explainer
-from vit_explain.runtime import session as session_module
 from vit_explain.methods.fusion import fuse_heads
 from vit_explain.methods.fusion import weighted_head_mean as _weighted_head_mean
 from vit_explain.methods.selection import _select_bracketed, kth_smallest
+from vit_explain.runtime import Explainer
+from vit_explain.runtime import session as session_module
 from vit_explain.runtime.session import ModelSession
 
 HEAD_FUSIONS = ["mean", "max", "min"]
