@@ -29,6 +29,7 @@ from ..metadata import (
     MetadataError,
     ModelMetadata,
 )
+from ..methods.registry import get_method
 from .file_checks import check_external_data, check_graph_shapes
 
 __all__ = [
@@ -239,7 +240,7 @@ class ModelSession:
         ``top1``: the one that picks the class to explain itself."""
         if fused:
             self._session(fused_kind(method, head_fusion, top1), single_thread)
-        elif method in ("grad_rollout", "gae"):
+        elif method is not None and get_method(method).class_specific:
             self._session("gradients_top1" if top1 else "gradients", single_thread)
         else:
             self._session("forward", single_thread)
@@ -297,12 +298,13 @@ class ModelSession:
         (:func:`vit_explain.graph.fused_maps`): ``heads`` times less data out of the graph than
         :meth:`run`. ``class_weights`` (or ``top1``, as in :meth:`run_layers`) for
         ``grad_rollout`` and ``gae``."""
-        top1 = top1 and method != "rollout"
+        class_specific = get_method(method).class_specific
+        top1 = top1 and class_specific
         if top1 and class_weights is not None:
             raise ValueError("give class weights or top1, not both")
         session = self._session(fused_kind(method, head_fusion, top1), single_thread)
         feeds = {INPUT_PIXELS: np.ascontiguousarray(pixel_values, dtype=np.float32)}
-        if method != "rollout" and not top1:
+        if class_specific and not top1:
             if class_weights is None:
                 raise ValueError(f"{method} needs class weights")
             feeds[INPUT_CLASS_WEIGHTS] = np.ascontiguousarray(class_weights, dtype=np.float32)
