@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.paths import REPO_ROOT
 from vit_explain.outputs.overlay import available_colormaps, colorize, overlay, upsample_mask
 
 
@@ -152,4 +152,4 @@ def test_module_does_not_import_pyplot() -> None:
         "assert 'matplotlib.pyplot' not in sys.modules\n"
         "assert 'torch' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

@@ -17,11 +17,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from tests.helpers.paths import REPO_ROOT as REPO
 from vit_explain.errors import ModelFileError
 from vit_explain.metadata import FORMAT_VERSION, METADATA_KEY
 from vit_explain.runtime import Explainer
-
-REPO = Path(__file__).resolve().parents[1]
 
 #: Run in a fresh interpreter: explain with both methods, then report what got imported.
 #: With BLOCK, importing torch or timm raises ImportError as on a machine without them.

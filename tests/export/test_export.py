@@ -21,6 +21,7 @@ timm = pytest.importorskip("timm")
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
+from tests.helpers.paths import SHARED  # noqa: E402
 from vit_explain.eager import weights_sha256  # noqa: E402
 from vit_explain.errors import ExportError, ParityError  # noqa: E402
 from vit_explain.export import exporter  # noqa: E402
@@ -34,8 +35,8 @@ from vit_explain.runtime import Explainer  # noqa: E402
 from vit_explain.runtime.session import ModelSession  # noqa: E402
 
 DEIT = "deit_tiny_patch16_224"
-SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
+SHARED_MODEL = SHARED / "models" / "vit_small_patch14_dinov2.imgfocus.safetensors"
+SHARED_IMAGES = SHARED / "images"
 
 
 def files_in(directory: Path) -> list[Path]:

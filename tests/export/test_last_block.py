@@ -10,8 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from conftest import FAMILIES  # noqa: E402
-
+from tests.helpers.models import FAMILIES  # noqa: E402
 from vit_explain.eager import AttentionRecorder  # noqa: E402
 from vit_explain.export.tracing import trace_explain_graph  # noqa: E402
 from vit_explain.export.verify import relative_error  # noqa: E402

@@ -196,7 +196,7 @@ def test_contact_sheet_layout_and_content(tmp_path: Path) -> None:
 def test_contact_sheet_thumbnail_is_where_expected() -> None:
     sheet = np.asarray(render_contact_sheet(_entries()[:1], thumb_width=100))
     # Header line then the thumbnail: its centre must be the input's colour.
-    ys, xs = np.nonzero((np.abs(sheet.astype(int) - MAGENTA).max(axis=-1) == 0))
+    ys, xs = np.nonzero(np.abs(sheet.astype(int) - MAGENTA).max(axis=-1) == 0)
     assert xs.min() == 8 and xs.max() == 8 + 100 - 1
     assert ys.max() - ys.min() + 1 == 75  # 100 x 75 for a 4:3 image
 
@@ -204,7 +204,7 @@ def test_contact_sheet_thumbnail_is_where_expected() -> None:
 def test_contact_sheet_portrait_photo_fits_its_box() -> None:
     tall = [ReportEntry("tall.png", Image.new("RGB", (100, 400), MAGENTA))]
     sheet = np.asarray(render_contact_sheet(tall, thumb_width=128))
-    ys, xs = np.nonzero((np.abs(sheet.astype(int) - MAGENTA).max(axis=-1) == 0))
+    ys, xs = np.nonzero(np.abs(sheet.astype(int) - MAGENTA).max(axis=-1) == 0)
     assert (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) == (128, 32)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.paths import SHARED
 from vit_explain.metadata import PreprocessConfig
 from vit_explain.runtime.images import load_image
 from vit_explain.runtime.preprocess import (
@@ -18,7 +19,7 @@ from vit_explain.runtime.preprocess import (
     scale_size,
 )
 
-SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
+SHARED_IMAGES = SHARED / "images"
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CLIP = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 TOLERANCE = 1e-5

@@ -184,8 +184,8 @@ def test_metadata_error_is_a_model_file_error_and_still_a_value_error():
 
 
 def test_known_interpolations_are_the_ones_preprocessing_reproduces():
-    from vit_explain.runtime.preprocess import CROP_MODES, INTERPOLATIONS
     from vit_explain.metadata import CROP_MODE_NAMES
+    from vit_explain.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 
     assert set(INTERPOLATION_NAMES) == set(INTERPOLATIONS) and set(CROP_MODE_NAMES) == set(CROP_MODES)
 

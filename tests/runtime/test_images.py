@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.paths import REPO_ROOT
 from vit_explain.errors import ImageError
 from vit_explain.runtime.images import BACKGROUND, is_image_file, load_image, to_rgb
 
@@ -384,7 +385,7 @@ def test_imports_no_torch() -> None:
         "import sys, vit_explain.runtime.images, vit_explain.runtime.preprocess; "
         "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
 def test_animated_image_records_a_first_frame_notice(tmp_path: Path) -> None:

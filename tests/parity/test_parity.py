@@ -36,9 +36,9 @@ from vit_explain.metadata import (  # noqa: E402
     OUTPUT_GRADIENTS,
     OUTPUT_LOGITS,
 )
+from vit_explain.methods.relevance import rollout_rows  # noqa: E402
 from vit_explain.reference import ReferenceOutputs, TorchReference, one_hot, torch_rollout  # noqa: E402
 from vit_explain.runtime import Explainer  # noqa: E402
-from vit_explain.methods.relevance import rollout_rows  # noqa: E402
 from vit_explain.runtime.session import GraphOutputs, ModelSession  # noqa: E402
 
 #: Relative error (max|onnx - eager| / max|eager|) allowed in (a). Measured on these models:
