@@ -13,7 +13,7 @@ Then the runtime's own promises: (d) images of a batch and successive calls are 
 (e) the forward-only path (``compute_gradients=False``) skips the backward half and changes
 nothing else, (f) masks have the model's grid shape, float32, max 1, no NaN.
 
-The models are small random ones with sharpened attention (see ``conftest.py``); the first test
+The models are small random ones with sharpened attention (see ``tests/helpers/models.py``); the first test
 checks that the sharpening worked, since uniform attention would let maths bugs through.
 """
 
@@ -211,11 +211,11 @@ def test_explainer_masks_match_the_reference_masks(family_key, method, discard_r
     """Explainer.explain == TorchReference.masks for every head fusion, on two input batches.
 
     The graph's tensors differ from eager PyTorch's by ~1e-6 relative, so masks differ by float
-    noise (conftest.MASK_TOLERANCE, plus ROW_NOISE / peak where almost nothing reaches the
+    noise (tests.helpers.masks.MASK_TOLERANCE, plus ROW_NOISE / peak where almost nothing reaches the
     patches). With discard > 0 such noise could also move an entry across the discard boundary
     when the k-th and (k+1)-th smallest fused values are that close; ``compare_masks`` finds the
     entries the two sides discard differently and widens the bound by what they can change
-    (derived in conftest.mask_comparison). Most images must be compared at the plain bound.
+    (derived in tests.helpers.masks.mask_comparison). Most images must be compared at the plain bound.
     """
     explainer = Explainer(case(family_key, 0, 1).session.path, device="cpu")
     tight = total = 0
