@@ -922,7 +922,7 @@ def test_export_pretrained_offline_names_weights_path(tmp_path, monkeypatch):
 
 def test_cli_reads_the_method_registry_without_numpy():
     """The CLI's choices are the registry's, and reading it imports no numpy (--help stays fast)."""
-    code = "import sys, vit_explain.cli as c, vit_explain.methods as m; print(c.METHOD_NAMES == m.METHOD_NAMES, 'numpy' in sys.modules)"
+    code = "import sys, vit_explain.cli.explain as c, vit_explain.methods as m; print(c.METHOD_NAMES == m.METHOD_NAMES, 'numpy' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["True", "False"]
 
@@ -1040,7 +1040,7 @@ def test_output_folder_in_a_file_is_one_line(tmp_path, model_path, monkeypatch):
 def test_full_or_forbidden_output_folder_is_one_line(tmp_path, model_path, monkeypatch):
     import errno
 
-    import vit_explain.cli
+    import vit_explain.cli.explain
 
     _no_work(monkeypatch)
     image = save_image(tmp_path / "cat.png")
@@ -1048,7 +1048,7 @@ def test_full_or_forbidden_output_folder_is_one_line(tmp_path, model_path, monke
         def failing(*args, code=code, **kwargs):
             raise OSError(code, os.strerror(code))
 
-        monkeypatch.setattr(vit_explain.cli.tempfile, "TemporaryFile", failing)
+        monkeypatch.setattr(vit_explain.cli.explain.tempfile, "TemporaryFile", failing)
         result = cli("explain", image, "--model", model_path, "-o", tmp_path / "out", "-q")
         assert_no_traceback(result)
         assert result.exit_code == 1 and result.output.strip() == f"Error: cannot write to {tmp_path / 'out'}: {os.strerror(code)}"
