@@ -20,7 +20,6 @@ import argparse
 import io
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vit_explain.outputs import atomic_write_bytes, model_box, overlay

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["first_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "OutputError", "ExportError", "WeightsUnavailableError", "ParityError"]
+__all__ = [
+    "first_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "OutputError",
+    "ExportError", "WeightsUnavailableError", "ParityError",
+]
 
 
 class VitExplainError(Exception):

@@ -215,7 +215,8 @@ class ModelMetadata:
         """The mask's grid is the patch embedding's: ``floor(input size / patch size)`` per axis
         (a convolution with stride = kernel = patch drops the remainder). Anything else would
         reshape the token row into a grid that is not the image's."""
-        expected = tuple(size // patch for size, patch in zip(self.preprocess.input_size[1:], self.patch_size))
+        sizes = self.preprocess.input_size[1:]
+        expected = tuple(size // patch for size, patch in zip(sizes, self.patch_size, strict=False))
         if tuple(self.grid_size) != expected:
             raise MetadataError(
                 f"metadata field 'grid_size' is {_hw(self.grid_size)}, but input size "
@@ -238,7 +239,7 @@ class ModelMetadata:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMetadata":
+    def from_json(cls, text: str) -> ModelMetadata:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -922,7 +922,10 @@ def test_export_pretrained_offline_names_weights_path(tmp_path, monkeypatch):
 
 def test_cli_reads_the_method_registry_without_numpy():
     """The CLI's choices are the registry's, and reading it imports no numpy (--help stays fast)."""
-    code = "import sys, vit_explain.cli.explain as c, vit_explain.methods as m; print(c.METHOD_NAMES == m.METHOD_NAMES, 'numpy' in sys.modules)"
+    code = (
+        "import sys, vit_explain.cli.explain as c, vit_explain.methods as m; "
+        "print(c.METHOD_NAMES == m.METHOD_NAMES, 'numpy' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["True", "False"]
 
@@ -1097,4 +1100,5 @@ def test_export_help_shows_the_real_default(tmp_path, monkeypatch):
     text = " ".join(cli("export", "--help").stdout.split())
     assert "models/MODEL_NAME.onnx, with _HxW for --img-size and _random<seed> or _<checkpoint name> for --weights" in text
     assert default_output_path(ModelSpec(MODEL_NAME)) == Path(f"models/{MODEL_NAME}.onnx")
-    assert default_output_path(ModelSpec(MODEL_NAME, weights="random", img_size=(96, 128))) == Path(f"models/{MODEL_NAME}_96x128_random0.onnx")
+    random_spec = ModelSpec(MODEL_NAME, weights="random", img_size=(96, 128))
+    assert default_output_path(random_spec) == Path(f"models/{MODEL_NAME}_96x128_random0.onnx")

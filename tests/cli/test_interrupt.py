@@ -58,7 +58,7 @@ def _interrupt(args: list[str], out: Path, trigger: int | None) -> subprocess.Co
         stdout, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError("the interrupted run did not stop within 60 s")
+        raise AssertionError("the interrupted run did not stop within 60 s") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 

@@ -228,7 +228,7 @@ def test_steps_parameter():
 
 def test_results_do_not_depend_on_batch_size_and_random_is_seeded():
     pixels = clean_images(2, seed=4)
-    maps = dict(zip(("perfect", "noise"), masks_for(2, PERFECT, np.random.default_rng(5).random((GRID, GRID)))))
+    maps = dict(zip(("perfect", "noise"), masks_for(2, PERFECT, np.random.default_rng(5).random((GRID, GRID))), strict=True))
     model = visibility_model(pixels)
     runs = [evaluate_masks(pixels, maps, model, steps=8, batch_size=b, seed=3) for b in (1, 6, 500)]
     for other in runs[1:]:
@@ -299,7 +299,7 @@ def test_feature_model_scores_cosine_similarity():
     """Clean images are constant (2 and 5), the baseline is 0: after deleting k of 16 patches the
     features are the clean ones with k zeros, so the cosine is sqrt((16 - k) / 16)."""
     pixels = np.stack([np.full((3, SIZE, SIZE), 2.0), np.full((3, SIZE, SIZE), 5.0)]).astype(np.float32)
-    maps = dict(zip(("perfect", "inverted"), masks_for(2, PERFECT, INVERTED)))
+    maps = dict(zip(("perfect", "inverted"), masks_for(2, PERFECT, INVERTED), strict=True))
     result = evaluate_masks(
         pixels, maps, patch_mean_features, output_kind="features", steps=16,
         metrics=["deletion", "insertion"], insertion_baseline="mean",
@@ -379,7 +379,9 @@ def test_evaluate_with_injected_explainer_and_model():
 def test_evaluate_category_index_and_validation():
     pixels = clean_images(2)
     explainer = FakeExplainer()
-    result = evaluate(explainer, pixels, methods=["gae"], category_index=1, steps=4, score_fn=visibility_model(pixels), include_random=False)
+    result = evaluate(
+        explainer, pixels, methods=["gae"], category_index=1, steps=4, score_fn=visibility_model(pixels), include_random=False
+    )
     assert result.targets == (1, 1) and result.methods == ("gae",)
     # p(class 1) = 1 - share intact: deleting the designated patches first makes it rise fast
     assert result.mean_auc("deletion", "gae") > 0.5

@@ -186,7 +186,7 @@ def test_inlined_gradient_graph_computes_what_the_file_computes(deit):
         None, {INPUT_PIXELS: pixels, INPUT_CLASS_WEIGHTS: weights, INPUT_COMPUTE_GRADIENTS: np.array(True)}
     )
     got = _session(inlined).run(None, {INPUT_PIXELS: pixels, INPUT_CLASS_WEIGHTS: weights})
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -365,9 +365,9 @@ def test_io_binding_path_returns_what_run_returns(deit, monkeypatch):
     expected_fused = session.run_fused(pixels, "grad_rollout", "mean", top1=True)
     monkeypatch.setattr(session, "_run", session._run_bound)
     got = [session.run_layers(pixels, weights), session.run_layers(pixels, top1=True)]
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a.logits, b.logits)
-        for x, y in zip(a.attentions + a.gradients, b.attentions + b.gradients):
+        for x, y in zip(a.attentions + a.gradients, b.attentions + b.gradients, strict=True):
             np.testing.assert_array_equal(x, y)
-    for x, y in zip(session.run_fused(pixels, "grad_rollout", "mean", top1=True), expected_fused):
+    for x, y in zip(session.run_fused(pixels, "grad_rollout", "mean", top1=True), expected_fused, strict=True):
         np.testing.assert_array_equal(x, y)

@@ -222,7 +222,7 @@ def test_exif_orientation_applied(tmp_path: Path, orientation: int, top, bottom)
     assert img.size == (20, 40)  # width and height swapped
 
     def close(actual, expected) -> bool:
-        return all(abs(a - e) < 40 for a, e in zip(actual, expected))
+        return all(abs(a - e) < 40 for a, e in zip(actual, expected, strict=True))
 
     assert close(_pixel(img, (10, 5)), top)
     assert close(_pixel(img, (10, 34)), bottom)

@@ -120,7 +120,8 @@ ol.preds li:first-child { font-weight: 600; }
 tr.error td { background: #fdecea; }
 td.error { color: #b00020; font-weight: 600; }
 td.none { color: #888; font-style: italic; }
-.badge { display: inline-block; background: #b00020; color: #fff; font-weight: 700; padding: 4px 10px; border-radius: 4px; margin: 4px 0 8px 0; }
+.badge { display: inline-block; background: #b00020; color: #fff; font-weight: 700;
+         padding: 4px 10px; border-radius: 4px; margin: 4px 0 8px 0; }
 table.settings { margin: 0 0 12px 0; font-size: 0.9em; }
 table.settings th, table.settings td { padding: 3px 10px; }
 .colourbar { display: flex; align-items: center; gap: 8px; margin: 0 0 16px 0; font-size: 0.85em; color: #555; }

@@ -20,6 +20,7 @@ Only Pillow and numpy are used: the runtime must not import torch.
 from __future__ import annotations
 
 import os
+
 import numpy as np
 from PIL import Image, ImageOps
 
