@@ -27,13 +27,13 @@ class _StderrLines(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.bar = None  # a tqdm bar while explain draws one
+        self.export_steps = False  # True while the export command runs (see showing_export_steps)
         self.addFilter(self._not_export_steps)
 
-    @staticmethod
-    def _not_export_steps(record: logging.LogRecord) -> bool:
+    def _not_export_steps(self, record: logging.LogRecord) -> bool:
         """A first-run export inside explain/evaluate is one line (model_store's), as before:
         the exporter's own steps are the ``export`` command's to show."""
-        return record.levelno >= logging.WARNING or not record.name.startswith("vit_explain.export")
+        return record.levelno >= logging.WARNING or self.export_steps or not record.name.startswith("vit_explain.export")
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
@@ -64,6 +64,17 @@ def progress_lines() -> Iterator[None]:
         package.setLevel(level)
         package.propagate = propagate
         LINES.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def showing_export_steps() -> Iterator[None]:
+    """The exporter's own progress lines (logger ``vit_explain.export``) shown, for the
+    ``export`` command; elsewhere a first-run export stays one line."""
+    LINES.export_steps = True
+    try:
+        yield
+    finally:
+        LINES.export_steps = False
         LINES.bar = None
 
 

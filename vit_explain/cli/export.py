@@ -6,14 +6,12 @@ and ``--help`` stays fast, without them.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from ..errors import VitExplainError
-from .common import fail
+from .common import fail, showing_export_steps
 
 
 def _img_size(_ctx, _param, value: str | None) -> tuple[int, int] | None:
@@ -50,32 +48,9 @@ def export(model_name, weights, seed, img_size, num_classes, class_names, output
     spec = ModelSpec(model_name, weights=weights, seed=seed, img_size=img_size, num_classes=num_classes)
     output = output or default_output_path(spec)
     try:
-        with _export_progress_to_stderr():
+        with showing_export_steps():
             result = export_model(spec, output, class_names_file=class_names, opset=opset)
     except VitExplainError as exc:
         raise fail(exc) from None
     click.echo(str(result.path))
 
-
-@contextlib.contextmanager
-def _export_progress_to_stderr() -> Iterator[None]:
-    """The exporter's progress lines (logger ``vit_explain.export``, INFO) on stderr, one line
-    each as written, for the duration of the command; not passed on to parent loggers, so a
-    handler set up elsewhere does not print them twice."""
-    import logging
-
-    class _Echo(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            click.echo(record.getMessage(), err=True)
-
-    logger = logging.getLogger("vit_explain.export")
-    handler, level, propagate = _Echo(), logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
