@@ -19,6 +19,9 @@ import pytest
 from tests.helpers.masks import MaskComparison, mask_comparison
 from tests.helpers.models import FAMILIES, ExportedModel, Family
 
+#: The one family the quick subset (-m "not slow") runs the per-family tests on.
+QUICK_FAMILY = "deit"
+
 if TYPE_CHECKING:  # torch and timm are imported lazily: the runtime tests must run without them
     from torch import nn
 
@@ -61,9 +64,14 @@ def make_test_model() -> Callable[..., nn.Module]:
 
 
 def pytest_generate_tests(metafunc) -> None:
-    """A test that takes ``family_key`` runs once per family, with the key as its id."""
+    """A test that takes ``family_key`` runs once per family, with the key as its id. Every family
+    but DeiT is marked ``slow``: each costs an export, so ``-m "not slow"`` (the README's quick first
+    check) runs the family tests on DeiT alone."""
     if "family_key" in metafunc.fixturenames:
-        metafunc.parametrize("family_key", sorted(FAMILIES))
+        metafunc.parametrize(
+            "family_key",
+            [pytest.param(key, marks=() if key == QUICK_FAMILY else pytest.mark.slow) for key in sorted(FAMILIES)],
+        )
 
 
 # --------------------------------------------------------------------------- #

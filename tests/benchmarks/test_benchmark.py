@@ -41,6 +41,7 @@ def images(tmp_path_factory) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_rows_are_well_formed(tiny_model, images):
     from benchmarks.harness import PIPELINES, BenchRow, format_table, run_benchmark
 

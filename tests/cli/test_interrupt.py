@@ -62,6 +62,7 @@ def _interrupt(args: list[str], out: Path, trigger: int | None) -> subprocess.Co
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_in_every_phase(tmp_path, photos, export_family):
     model = export_family("deit-seed1").path
     interrupted = 0
