@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-__all__ = ["PathLike", "atomic_writer", "atomic_write_bytes", "save_json", "save_npy", "save_png"]
+__all__ = ["PathLike", "atomic_writer", "atomic_write_bytes", "probe_writable", "save_json", "save_npy", "save_png"]
 
 PathLike = str | os.PathLike[str]
 
@@ -142,3 +142,16 @@ def save_json(path: PathLike, obj: Any) -> None:
     with atomic_writer(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
         f.write("\n")
+
+
+def probe_writable(folder: PathLike) -> None:
+    """Create ``folder`` and write, sync and remove a 64 KiB temporary file in it, as the atomic
+    writers will: raises the ``OSError`` a write there would. Asking ``os.access`` is not enough
+    (it ignores read-only mounts under root, ACLs and a full disk); so a long run can find out
+    before its work, not at its first write."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder, prefix=".vit-explain-probe-") as probe:
+        probe.write(b"\0" * 65536)
+        probe.flush()
+        os.fsync(probe.fileno())

@@ -1043,7 +1043,7 @@ def test_output_folder_in_a_file_is_one_line(tmp_path, model_path, monkeypatch):
 def test_full_or_forbidden_output_folder_is_one_line(tmp_path, model_path, monkeypatch):
     import errno
 
-    import vit_explain.cli.explain
+    import vit_explain.atomic
 
     _no_work(monkeypatch)
     image = save_image(tmp_path / "cat.png")
@@ -1051,7 +1051,7 @@ def test_full_or_forbidden_output_folder_is_one_line(tmp_path, model_path, monke
         def failing(*args, code=code, **kwargs):
             raise OSError(code, os.strerror(code))
 
-        monkeypatch.setattr(vit_explain.cli.explain.tempfile, "TemporaryFile", failing)
+        monkeypatch.setattr(vit_explain.atomic.tempfile, "TemporaryFile", failing)  # the folder probe
         result = cli("explain", image, "--model", model_path, "-o", tmp_path / "out", "-q")
         assert_no_traceback(result)
         assert result.exit_code == 1 and result.output.strip() == f"Error: cannot write to {tmp_path / 'out'}: {os.strerror(code)}"

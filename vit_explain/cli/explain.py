@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from ..atomic import probe_writable
 from ..errors import OutputError, VitExplainError
 from ..methods import HEAD_FUSIONS, METHOD_NAMES  # the registry imports no numpy: --help stays fast
 from .common import LINES, bad_settings, check_categories, fail, logger, open_explainer, set_quiet
@@ -133,11 +133,7 @@ def _check_output_dir(output_dir: Path) -> None:
     """Just before the work: create the folder and write (and remove) a small probe file, so a
     read-only, full or forbidden folder is one line now rather than a failure for every image."""
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir, prefix=".vit-explain-probe-") as probe:
-            probe.write(b"\0" * 65536)
-            probe.flush()
-            os.fsync(probe.fileno())
+        probe_writable(output_dir)
     except OSError as exc:
         raise fail(OutputError(f"cannot write to {output_dir}: {exc.strerror or exc}")) from None
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
 
-from ..atomic import atomic_writer, save_json
+from ..atomic import atomic_writer, probe_writable, save_json
 from ..errors import OutputError
 from .metrics import METRICS
 from .result import RANDOM, EvaluationResult
@@ -80,15 +79,11 @@ def check_writable(folder: str | os.PathLike, stem: str = "evaluation") -> None:
     """Raise :class:`OutputError` unless ``folder`` (created if missing) takes new files and none of
     the output names is a folder.
 
-    It creates and removes a temporary file there, the way the atomic writers will: asking
-    ``os.access`` is not enough (it ignores read-only mounts under root, ACLs, a full disk's
-    inode table).
+    The probe is :func:`vit_explain.atomic.probe_writable`, the one the explain command uses.
     """
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{stem}.", suffix=".tmp"):
-            pass
+        probe_writable(folder)
     except OSError as exc:
         raise OutputError(f"cannot write in the output folder {folder}: {_reason(exc)}") from None
     for path in output_paths(folder, stem).values():
