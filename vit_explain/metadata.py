@@ -119,6 +119,9 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     crop_pct: float = 0.875
     crop_mode: str = "center"
+    # The resize before the crop when not timm's floor(size / crop_pct): (short side,) as torchvision
+    # Resize(int) / HF shortest_edge, or an exact (height, width) (HF size={height, width}). () = timm's.
+    resize_size: tuple[int, ...] = ()
 
     @property
     def height(self) -> int:
@@ -133,6 +136,9 @@ class PreprocessConfig:
             raise _field_error("preprocess.input_size", self.input_size, "must have 3 channels (RGB)")
         _one_of("preprocess.interpolation", self.interpolation, INTERPOLATION_NAMES)
         _one_of("preprocess.crop_mode", self.crop_mode, CROP_MODE_NAMES)
+        size = self.resize_size
+        if not (isinstance(size, tuple) and len(size) in (0, 1, 2) and all(_is_int(v) and v > 0 for v in size)):
+            raise _field_error("preprocess.resize_size", size, "must be empty, 1 or 2 positive integers")
         if not (_is_number(self.crop_pct) and 0 < self.crop_pct <= 1):
             raise _field_error("preprocess.crop_pct", self.crop_pct, "must be in (0, 1]")
         if not (isinstance(self.mean, tuple) and len(self.mean) == 3 and all(_is_number(v) for v in self.mean)):
@@ -168,6 +174,9 @@ class ModelMetadata:
     package_version: str
     class_names: tuple[str, ...] = ()
     pooling: str = "token"  # timm's global_pool: "token", "avg", "avgmax" or "max"
+    # The rollout seed as one weight per prefix token, then one for the patch rows' mean
+    # (methods.chain.TokenLayout); None (files without it too): derived from has_class_token.
+    seed_weights: tuple[float, ...] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -191,6 +200,7 @@ class ModelMetadata:
                 raise _field_error(name, getattr(self, name), "must be a positive integer")
         _one_of("output_kind", self.output_kind, OUTPUT_KINDS)
         _one_of("pooling", self.pooling, POOLINGS)
+        self._check_seed_weights()
         for name in ("source_model", "weights", "weights_sha256", "package_version"):
             if not isinstance(getattr(self, name), str):
                 raise _field_error(name, getattr(self, name), "must be a string")
@@ -199,6 +209,12 @@ class ModelMetadata:
         names = self.class_names
         if not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
             raise _field_error("class_names", names, "must be a list of strings")
+
+    def _check_seed_weights(self) -> None:
+        weights, count = self.seed_weights, self.num_prefix_tokens + 1
+        if weights is not None and not (isinstance(weights, tuple) and len(weights) == count
+                                        and all(_is_number(w) and w >= 0 for w in weights) and sum(weights) > 0):
+            raise _field_error("seed_weights", weights, f"must be {count} numbers >= 0, not all 0 (prefix tokens, patch mean)")
 
     def check_class_names(self) -> None:
         """None (the runtime then says "class N") or exactly one name per output: two names for
@@ -260,9 +276,13 @@ class ModelMetadata:
                 raise _field_error("preprocess", pre, "must be a JSON object")
             for key in ("input_size", "mean", "std"):
                 pre[key] = _as_tuple(f"preprocess.{key}", pre[key])
+            if "resize_size" in pre:
+                pre["resize_size"] = _as_tuple("preprocess.resize_size", pre["resize_size"])
             raw["preprocess"] = PreprocessConfig(**pre)
             for key in ("patch_size", "grid_size", "class_names"):
                 raw[key] = _as_tuple(key, raw[key])
+            if raw.get("seed_weights") is not None:
+                raw["seed_weights"] = _as_tuple("seed_weights", raw["seed_weights"])
             metadata = cls(**raw)
         except (KeyError, TypeError) as exc:
             raise MetadataError(f"metadata is incomplete or malformed: {exc}") from exc
@@ -280,14 +300,14 @@ class ModelMetadata:
             "parameters sha256": self.weights_sha256,
             "input size": f"{pre.height}x{pre.width}",
             "interpolation": pre.interpolation,
-            "crop": f"{pre.crop_mode}, crop_pct={pre.crop_pct}",
+            "crop": _crop_text(pre),
             "mean": list(pre.mean),
             "std": list(pre.std),
             "patch size": f"{self.patch_size[0]}x{self.patch_size[1]}",
             "patch grid": f"{self.grid_size[0]}x{self.grid_size[1]}",
             "prefix tokens": self.num_prefix_tokens,
             "pooling": self.pooling,
-            "rollout reads": "class token row" if self.has_class_token else "mean of patch rows",
+            "rollout reads": self.seed_text(),
             "layers": self.num_layers,
             "heads": self.num_heads,
             "outputs": f"{self.num_outputs} {'classes' if self.output_kind == 'logits' else 'features'}",
@@ -295,6 +315,23 @@ class ModelMetadata:
             "format version": self.format_version,
             "exported by": f"vit-explain {self.package_version}",
         }
+
+
+    def seed_text(self) -> str:
+        """The seed in words: "class token row", "mean of patch rows" or a weighted mix."""
+        if self.seed_weights is None:
+            return "class token row" if self.has_class_token else "mean of patch rows"
+        names = ["class token row" if i == 0 and self.has_class_token else f"token {i} row"
+                 for i in range(self.num_prefix_tokens)] + ["mean of patch rows"]
+        total = sum(self.seed_weights)
+        return " + ".join(f"{w / total:g} x {name}" for w, name in zip(self.seed_weights, names, strict=True) if w)
+
+
+def _crop_text(pre: PreprocessConfig) -> str:
+    if not pre.resize_size:
+        return f"{pre.crop_mode}, crop_pct={pre.crop_pct}"
+    resize = f"short side {pre.resize_size[0]}" if len(pre.resize_size) == 1 else _hw(pre.resize_size)
+    return f"resize to {resize}, then {pre.crop_mode} crop"
 
 
 def _hw(sizes: Any) -> str:

@@ -75,6 +75,7 @@ def describe_model(
         num_prefix_tokens=layout.num_prefix_tokens,
         has_class_token=reading.has_class_token,
         pooling=reading.pooling,
+        seed_weights=reading.seed_weights,
         num_layers=num_layers,
         num_heads=num_heads,
         num_outputs=num_outputs,
@@ -195,7 +196,9 @@ def export_model(
     proto = _trace_and_convert(model, metadata, opset, family)
 
     _log.info("checking the graph against the eager model")
-    parity = check_parity(proto, model, metadata.preprocess.input_size, metadata.num_outputs, check_batch_size(shape))
+    parity = check_parity(
+        proto, model, metadata.preprocess.input_size, metadata.num_outputs, check_batch_size(shape), family
+    )
     if proto.ByteSize() > _PROTOBUF_LIMIT:
         raise ExportError("models over 2 GB (ONNX protobuf limit) are not supported yet")
     data = proto.SerializeToString()

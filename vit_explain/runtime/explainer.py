@@ -117,7 +117,9 @@ class Explainer:
         workers = max(1, min(8, threads or os.cpu_count() or 1))
         self.scheduler = Scheduler(workers, graph_batch, self.session.uses_cuda)
         self.fuse_in_graph = self.session.uses_cuda if fuse_in_graph is None else bool(fuse_in_graph)
-        self.layout = TokenLayout(self.metadata.num_prefix_tokens, self.metadata.has_class_token)
+        self.layout = TokenLayout(
+            self.metadata.num_prefix_tokens, self.metadata.has_class_token, self.metadata.seed_weights
+        )
 
     @property
     def workers(self) -> int:

@@ -19,6 +19,9 @@ arithmetic of timm / torchvision *including its rounding quirks*:
   surplus of 5 gives offset 2, a surplus of 3 gives 2); when the image is smaller, it is
   padded by ``(crop - size) // 2`` before and the rest after (zeros for ``center`` and
   ``squash``).
+* an explicit ``resize_size`` (Hugging Face and torchvision processors) replaces the resize
+  step: one value is the short side (``Resize(int)`` / ``shortest_edge``, as ``center``), two
+  an exact ``height x width`` (a non-square photo is stretched); the centre crop follows.
 * ``ToTensor`` + ``Normalize`` are ``(x / 255 - mean) / std`` in float32.
 
 Everything after the resize is vectorised numpy; the output matches timm bit for bit.
@@ -144,7 +147,12 @@ def _keep_ratio_resize(h: int, w: int, target: tuple[int, int], longest: float) 
 
 
 def _resized_hw(h: int, w: int, cfg: PreprocessConfig) -> tuple[int, int]:
-    """Size after timm's resize step for this crop mode."""
+    """Size after the resize step: the config's explicit ``resize_size`` (short side, or exact
+    height x width), else timm's for this crop mode."""
+    if len(cfg.resize_size) == 2:
+        return (int(cfg.resize_size[0]), int(cfg.resize_size[1]))
+    if len(cfg.resize_size) == 1:
+        return _short_side_resize(h, w, int(cfg.resize_size[0]))
     target = scale_size(cfg)
     mode = _crop_mode(cfg)
     if mode == "squash":
