@@ -60,8 +60,8 @@ OUTPUT_GRADIENTS = "attention_gradients"
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 #: timm's crop modes (``runtime.preprocess.CROP_MODES``).
 CROP_MODE_NAMES = ("center", "squash", "border")
-#: timm ``global_pool`` values whose output is one vector per image (what export accepts).
-POOLINGS = ("token", "avg", "avgmax", "max")
+#: How the head pools: timm ``global_pool`` values with one vector per image, and "token+avg" ([CLS, patch mean]).
+POOLINGS = ("token", "avg", "avgmax", "max", "token+avg")
 OUTPUT_KINDS = ("logits", "features")
 
 

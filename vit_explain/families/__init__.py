@@ -13,12 +13,13 @@ from torch import nn
 
 from ..errors import ExportError
 from .base import HeadReading, ModelFamily, ModelSpec, TokenLayout
+from .hf_vit import HFTransformers
 from .timm_vit import TimmViT
 
 __all__ = ["FAMILIES", "HeadReading", "ModelFamily", "ModelSpec", "TokenLayout", "build_model", "family_for"]
 
 #: Adapters by :attr:`ModelSpec.family`.
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (TimmViT(),)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (TimmViT(), HFTransformers())}
 
 
 def family_for(spec: ModelSpec) -> ModelFamily:
