@@ -62,7 +62,7 @@ class HFFamily:
     processor_class: str
     processor: dict
     seed: int = 0
-    sharpen: float = 4.0
+    sharpen: float = 9.0  # HF inits q/k with std 0.02: x9 gives a mean max-probability ~7-10x uniform
     head_gain: float = 3.0
     img_size: tuple[int, int] | None = None  # export at another input size (position embeddings interpolated)
     expected_seed: tuple[float, ...] | None = None  # the metadata's seed_weights
@@ -125,16 +125,16 @@ HF_FAMILIES: dict[str, HFFamily] = {
         HFFamily("hf-dinov2", "Dinov2Config", "Dinov2ForImageClassification",
                  dict(_SMALL, patch_size=7, image_size=42, num_labels=6), "BitImageProcessor",
                  dict(size={"shortest_edge": 48}, crop_size={"height": 42, "width": 42}, **_IMAGENET), seed=16,
-                 sharpen=3.0, expected_seed=(0.5, 0.5)),
+                 expected_seed=(0.5, 0.5)),
         # 1 class + 2 register tokens, backbone (features)
         HFFamily("hf-dinov2-reg", "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel",
                  dict(_SMALL, patch_size=7, image_size=35, num_register_tokens=2), "BitImageProcessor",
                  dict(size={"shortest_edge": 40}, crop_size={"height": 35, "width": 35}, **_IMAGENET), seed=17,
-                 sharpen=3.0),
+                 ),
         HFFamily("hf-dinov2-reg-classifier", "Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification",
                  dict(_SMALL, patch_size=7, image_size=35, num_register_tokens=2, num_labels=4), "BitImageProcessor",
                  dict(size={"shortest_edge": 40}, crop_size={"height": 35, "width": 35}, **_IMAGENET), seed=18,
-                 sharpen=3.0, expected_seed=(0.5, 0.0, 0.0, 0.5)),
+                 expected_seed=(0.5, 0.0, 0.0, 0.5)),
     )
 }
 

@@ -51,7 +51,7 @@ def default_output_path(spec: ModelSpec, models_dir: Path = Path("models")) -> P
         suffix += f"_random{spec.seed}"
     elif spec.weights != "pretrained":
         suffix += f"_{Path(spec.weights).stem}"
-    return models_dir / f"{spec.name}{suffix}.onnx"
+    return models_dir / f"{spec.file_stem}{suffix}.onnx"
 
 
 def describe_model(

@@ -37,6 +37,14 @@ class ModelSpec:
     family: str = "timm"
 
     @property
+    def file_stem(self) -> str:
+        """The default file name's stem: the model name, or a folder's or Hub id's last part."""
+        if self.family == "timm":
+            return self.name
+        tail = self.name.split(":", 1)[1] if self.name.startswith(("hf:", "torchvision:")) else self.name
+        return Path(tail.rstrip("/")).name or Path(tail).resolve().name
+
+    @property
     def weights_label(self) -> str:
         if self.weights == "random":
             return f"random(seed={self.seed})"

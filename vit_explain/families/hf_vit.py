@@ -195,7 +195,11 @@ class HFTransformers(ModelFamily):
     name = "hf"
 
     def build(self, spec: ModelSpec) -> nn.Module:
-        wrapped = wrap_hf_model(_build(spec), spec.img_size)
+        try:
+            model = _build(spec)
+        except ImportError as exc:
+            raise ExportError(f'exporting a transformers model needs transformers ({exc.name} is missing): pip install -e ".[hf]"') from None
+        wrapped = wrap_hf_model(model, spec.img_size)
         wrapped.source = _source(spec)
         return wrapped
 
