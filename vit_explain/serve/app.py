@@ -95,27 +95,37 @@ class _Server:
         self.models, self.config, self.metrics = models, config, Metrics()
         self.pool = ThreadPoolExecutor(config.workers or os.cpu_count() or 1, thread_name_prefix="vit-explain-serve")
         self.in_flight = 0
-        self.ready = False
+        self.ready = True  # the models are open; False once shutting down
 
     # -- lifetime ------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
         for model in self.models.values():
+            self._batcher(model)
+        try:
+            yield
+        finally:  # after the server has answered every request in flight
+            await self.close()
+
+    def _batcher(self, model: ServedModel) -> MicroBatcher:
+        """The model's batcher, made in the running loop: at startup, or on the first request
+        when the app is mounted in another (Starlette runs no lifespan of a mounted app)."""
+        if model.batcher is None:
             model.batcher = MicroBatcher(
                 functools.partial(run_batch, model.explainer), self.config.max_batch, self.config.max_delay_ms / 1000,
                 model.name, self.metrics.batch_size.labels(model.name).observe,
             )
-        self.ready = True
-        try:
-            yield
-        finally:  # after the server has answered every request in flight
-            self.ready = False
-            for model in self.models.values():
-                if model.batcher is not None:
-                    await model.batcher.close()
-                if model.owned:
-                    model.explainer.close()
-            self.pool.shutdown(wait=True)
+        return model.batcher
+
+    async def close(self) -> None:
+        """Not ready any more; queued work finished, threads stopped, models this app opened closed."""
+        self.ready = False
+        for model in self.models.values():
+            if model.batcher is not None:
+                await model.batcher.close()
+            if model.owned:
+                model.explainer.close()
+        self.pool.shutdown(wait=True)
 
     async def _off_loop(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(function, *args))
@@ -181,6 +191,8 @@ class _Server:
         started = time.perf_counter()
         try:
             model = self._model(request)
+            if not self.ready:
+                raise RequestError("the server is shutting down", 503)
             if self.in_flight >= self.config.max_queue:
                 raise RequestError(f"the server is at its limit of {self.config.max_queue} requests in flight: retry later", 503)
         except RequestError as exc:
@@ -229,7 +241,8 @@ class _Server:
         for outcome in outcomes:  # the first bad instance by index, as the error names it
             if isinstance(outcome, BaseException):
                 raise outcome
-        futures = [model.batcher.submit(batch_key(item), [item])[0] for item in outcomes]
+        batcher = self._batcher(model)
+        futures = [batcher.submit(batch_key(item), [item])[0] for item in outcomes]
         try:
             results = await asyncio.gather(*futures)
         finally:
