@@ -85,23 +85,34 @@ def test_sigterm_answers_every_request_in_flight_then_exits_0(model):
 
 
 def test_create_app_mounts_inside_another_app(model):
-    """A service mounts the app under a prefix; Starlette runs no lifespan for a mounted app, so
-    the batcher must start on the first request."""
+    """A service mounts the app under a prefix. Starlette runs no lifespan for a mounted app: the
+    batcher then starts on the first request, and a parent that runs the app's lifespan inside its
+    own (as the README shows) closes it cleanly."""
+    from contextlib import asynccontextmanager
+
     from starlette.applications import Starlette
     from starlette.routing import Mount
     from starlette.testclient import TestClient
 
     from vit_explain.serve import ServeConfig, create_app
 
+    data = png_bytes(70)
     with Explainer(model, device="cpu", threads=2) as explainer:
-        inner = create_app({"vit": explainer}, ServeConfig(max_delay_ms=0))
-        outer = Starlette(routes=[Mount("/explainer", app=inner)])
-        data = png_bytes(70)
-        with TestClient(outer) as client:
-            assert client.get("/explainer/v1/models").json() == {"models": ["vit"]}
-            response = client.post("/explainer/v1/models/vit:explain", json={"instances": [instance(data)]})
-        assert response.status_code == 200, response.text
         expected = explainer.explain([load_image_bytes(data)]).masks[0]
-        assert np.abs(np.asarray(response.json()["explanations"][0]["mask"]) - expected).max() <= 1e-6
+        for with_lifespan in (False, True):
+            inner = create_app({"vit": explainer}, ServeConfig(max_delay_ms=0))
+
+            @asynccontextmanager
+            async def lifespan(app, inner=inner):
+                async with inner.router.lifespan_context(inner):
+                    yield
+
+            outer = Starlette(routes=[Mount("/explainer", app=inner)], lifespan=lifespan if with_lifespan else None)
+            with TestClient(outer) as client:
+                assert client.get("/explainer/v1/models").json() == {"models": ["vit"]}
+                response = client.post("/explainer/v1/models/vit:explain", json={"instances": [instance(data)]})
+            assert response.status_code == 200, response.text
+            assert np.abs(np.asarray(response.json()["explanations"][0]["mask"]) - expected).max() <= 1e-6
+            assert inner.state.server.ready is not with_lifespan  # closed with its parent's lifespan
         # the app leaves an Explainer it was given open for its owner
         assert explainer.explain([load_image_bytes(data)]).masks.shape == (1, 14, 14)

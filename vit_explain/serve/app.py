@@ -183,7 +183,7 @@ class _Server:
         return await self._verb(request, explain=False)
 
     def _refuse(self, exc: RequestError) -> JSONResponse:
-        self.metrics.rejections.labels(_REASONS.get(exc.status, str(exc.status))).inc()
+        self.metrics.rejections.labels(exc.reason or _REASONS.get(exc.status, str(exc.status))).inc()
         headers = {"Retry-After": str(self.config.retry_after_s)} if exc.status == 503 else None
         return _error(str(exc), exc.status, headers)
 
@@ -192,7 +192,7 @@ class _Server:
         try:
             model = self._model(request)
             if not self.ready:
-                raise RequestError("the server is shutting down", 503)
+                raise RequestError("the server is shutting down", 503, "shutting_down")
             if self.in_flight >= self.config.max_queue:
                 raise RequestError(f"the server is at its limit of {self.config.max_queue} requests in flight: retry later", 503)
         except RequestError as exc:

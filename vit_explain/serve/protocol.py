@@ -35,9 +35,10 @@ DEFAULT_TOP_K = 5
 class RequestError(VitExplainError):
     """A request refused: ``status`` is the HTTP code, the message one line for ``{"error": ...}``."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason  # the metrics' label, when the status alone does not say it
 
 
 @dataclass(frozen=True)
