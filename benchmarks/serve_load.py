@@ -80,6 +80,11 @@ class ServerProcess:
                 time.sleep(0.05)
         raise RuntimeError("the server was not ready within 60 s")
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system, every thread)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -170,18 +175,19 @@ async def open_loop(server: ServerProcess, url: str, bodies: list[bytes], rate: 
             **_percentiles(latencies)}
 
 
-def offline(model: Path, images: list[Path], method: str, threads: int, duration: float) -> float:
-    """Images per second of ``Explainer.explain`` on batches of 8 files, for ``duration`` seconds."""
+def offline(model: Path, images: list[Path], method: str, threads: int, duration: float) -> tuple[float, float]:
+    """Images per second of ``Explainer.explain`` on batches of 8 files, for ``duration`` seconds,
+    and CPU milliseconds per image (every thread of this process)."""
     from vit_explain.runtime import Explainer
 
     batch = [images[i % len(images)] for i in range(8)]
     with Explainer(model, device="cpu", threads=threads) as explainer:
         explainer.explain(batch, method=method)  # sessions made before timing
-        done, started = 0, time.perf_counter()
+        done, started, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - started < duration:
             explainer.explain(batch, method=method)
             done += len(batch)
-        return done / (time.perf_counter() - started)
+        return done / (time.perf_counter() - started), 1000 * (time.process_time() - cpu) / done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,13 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         for label, flags in (("serve --max-batch 8", ["--max-batch", "8"]), ("serve --max-batch 1", ["--max-batch", "1"])):
             # the offline figure before each sweep, and once after: this machine's load drifts
             offline_rates.append(offline(model, images, method, args.threads, args.duration))
-            log(f"{method}: offline Explainer.explain at batch 8: {offline_rates[-1]:.1f} img/s")
+            log(f"{method}: offline Explainer.explain at batch 8: {offline_rates[-1][0]:.1f} img/s")
             server = ServerProcess(model, args.threads, *flags, "--max-queue", "256")
             url = f"{server.url}/v1/models/{server.name}:explain"
             try:
-                asyncio.run(closed_loop(url, bodies, 8, 2.0))  # warm-up: sessions, connections
+                for concurrency in (1, 8):  # warm-up: the sessions for one image and for a batch
+                    asyncio.run(closed_loop(url, bodies, concurrency, 1.5))
                 for concurrency in levels:
+                    server_cpu, client_cpu = server.cpu_s(), time.process_time()
                     result = asyncio.run(closed_loop(url, bodies, concurrency, args.duration))
+                    result["server_ms"] = 1000 * (server.cpu_s() - server_cpu) / max(1, result["ok"])
+                    result["client_ms"] = 1000 * (time.process_time() - client_cpu) / max(1, result["ok"])
                     throughput = result["ok"] / result["elapsed"]
                     log(f"{method} {label} c={concurrency}: {throughput:.1f} img/s, p50 {result['p50']:.0f} ms, "
                         f"p95 {result['p95']:.0f} ms, p99 {result['p99']:.0f} ms, statuses {result['statuses']}")
@@ -230,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
         offline_rates.append(offline(model, images, method, args.threads, args.duration))
-        log(f"{method}: offline Explainer.explain at batch 8: {offline_rates[-1]:.1f} img/s")
+        log(f"{method}: offline Explainer.explain at batch 8: {offline_rates[-1][0]:.1f} img/s")
         rows.insert(len(rows) - 2 * len(levels), (method, "offline, Explainer.explain batch 8", "-", offline_rates, None))
         if args.overload > 0 and at_32:
             server = ServerProcess(model, args.threads)  # the defaults: --max-batch 8, --max-queue 64
@@ -262,19 +272,22 @@ def report(args, model: Path, images: list[Path], rows, overloads) -> str:
         f"{args.threads} threads, {args.duration:g} s per point; code {code_state()}.",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
         "",
-        "| method | how | concurrency | images/s | vs offline | p50 ms | p95 ms | p99 ms | answers |",
-        "| --- | --- | --: | --: | --: | --: | --: | --: | --- |",
+        "| method | how | concurrency | images/s | vs offline | p50 ms | p95 ms | p99 ms | answers "
+        "| CPU ms/image: server + client |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --- | --: |",
     ]
     offline_rate = {}
     for method, label, concurrency, rate, result in rows:
         if result is None:  # the offline runs around the sweeps: their mean is the reference
-            offline_rate[method] = statistics.mean(rate)
-            runs = " / ".join(f"{r:.1f}" for r in rate)
-            lines.append(f"| {method} | {label} (runs: {runs}) | - | {offline_rate[method]:.1f} | 1.00 | | | | |")
+            offline_rate[method] = statistics.mean(r[0] for r in rate)
+            runs = " / ".join(f"{r[0]:.1f}" for r in rate)
+            cpu = statistics.mean(r[1] for r in rate)
+            lines.append(f"| {method} | {label} (runs: {runs}) | - | {offline_rate[method]:.1f} | 1.00 | | | | | {cpu:.1f} |")
             continue
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(result["statuses"].items()))
         lines.append(f"| {method} | {label} | {concurrency} | {rate:.1f} | {rate / offline_rate[method]:.2f} | "
-                     f"{result['p50']:.0f} | {result['p95']:.0f} | {result['p99']:.0f} | {statuses} |")
+                     f"{result['p50']:.0f} | {result['p95']:.0f} | {result['p99']:.0f} | {statuses} | "
+                     f"{result['server_ms']:.1f} + {result['client_ms']:.1f} |")
     if overloads:
         lines += ["", "Overload: open loop at twice the throughput at concurrency 32 (server defaults, --max-queue 64).", "",
                   "| method | rate req/s | seconds | sent | 200 | 503 | lost | p50 / p99 ms of 200s "
