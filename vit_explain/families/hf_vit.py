@@ -201,7 +201,8 @@ class HFTransformers(ModelFamily):
         try:
             model = _build(spec)
         except ImportError as exc:
-            raise ExportError(f'exporting a transformers model needs transformers ({exc.name} is missing): pip install -e ".[hf]"') from None
+            missing = f"{exc.name} is missing"
+            raise ExportError(f'exporting a transformers model needs transformers ({missing}): pip install -e ".[hf]"') from None
         wrapped = wrap_hf_model(model, spec.img_size)
         wrapped.source = _source(spec)
         return wrapped
