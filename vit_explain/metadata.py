@@ -59,7 +59,7 @@ OUTPUT_GRADIENTS = "attention_gradients"
 #: repeated here because that module needs Pillow, and a test keeps the two equal).
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 #: timm's crop modes (``runtime.preprocess.CROP_MODES``).
-CROP_MODE_NAMES = ("center", "squash", "border")
+CROP_MODE_NAMES = ("center", "squash", "border", "center_floor")
 #: How the head pools: timm ``global_pool`` values with one vector per image, and "token+avg" ([CLS, patch mean]).
 POOLINGS = ("token", "avg", "avgmax", "max", "token+avg")
 OUTPUT_KINDS = ("logits", "features")

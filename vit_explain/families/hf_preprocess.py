@@ -83,6 +83,7 @@ def preprocess_from_processor(processor: Any, input_size: tuple[int, int] | None
     """The processor's eval transform as a :class:`PreprocessConfig`; ``input_size`` (height,
     width) replaces its crop (``--img-size``), the resize scaled to match."""
     resize, crop = _resize_and_crop(processor)
+    cropped = bool(getattr(processor, "do_center_crop", False))
     if input_size is not None and tuple(input_size) != crop:
         resize, crop = _scaled(resize, crop, tuple(input_size)), (int(input_size[0]), int(input_size[1]))
     if getattr(processor, "do_rescale", True):
@@ -101,7 +102,7 @@ def preprocess_from_processor(processor: Any, input_size: tuple[int, int] | None
         mean=mean,
         std=std,
         crop_pct=1.0,
-        crop_mode="center",
+        crop_mode="center_floor" if cropped else "center",  # transformers crops at (size - crop) // 2
         resize_size=tuple(int(v) for v in resize),
     )
     config.check()

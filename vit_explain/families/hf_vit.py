@@ -49,7 +49,10 @@ def tapped_eager_attention(module, query, key, value, attention_mask, scaling=No
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:  # BEiT passes its relative position bias here
         scores = scores + attention_mask
-    probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # transformers' softmax runs in float32 (half-precision models); float64 stays float64 here,
+    # so that a float64 finite-difference check of the gradient is not float32 noise.
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+    probabilities = nn.functional.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
     probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
     taps = _ACTIVE.get()
     if taps is not None:
@@ -198,7 +201,8 @@ class HFTransformers(ModelFamily):
         try:
             model = _build(spec)
         except ImportError as exc:
-            raise ExportError(f'exporting a transformers model needs transformers ({exc.name} is missing): pip install -e ".[hf]"') from None
+            missing = f"{exc.name} is missing"
+            raise ExportError(f'exporting a transformers model needs transformers ({missing}): pip install -e ".[hf]"') from None
         wrapped = wrap_hf_model(model, spec.img_size)
         wrapped.source = _source(spec)
         return wrapped
