@@ -184,7 +184,7 @@ def test_concurrent_requests_share_graph_calls_and_a_bad_one_harms_none(model, e
     within the batching window the four rollouts share calls, the bad one is refused alone."""
     photos = [png_bytes(40 + i) for i in range(5)]
     cases = [{}, {}, {}, {}, {"category_index": 5}]
-    with running_server(str(model), "--max-delay-ms", "1500", "--max-batch", "8") as server:
+    with running_server(str(model), "--max-delay-ms", "2500", "--max-batch", "8") as server:
         bodies = [{"instances": [instance(data, **case)]} for data, case in zip(photos, cases, strict=True)]
         bodies.insert(2, {"instances": [instance(b"GIF89a broken")]})
         with ThreadPoolExecutor(len(bodies)) as pool:

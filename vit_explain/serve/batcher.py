@@ -52,8 +52,8 @@ class MicroBatcher:
 
     @property
     def queued(self) -> int:
-        """Items waiting for a call (not those in the call now running)."""
-        return len(self._queue)
+        """Items waiting for a call (not those in the call now running, nor those given up)."""
+        return sum(1 for item in self._queue if not item.future.done())
 
     def submit(self, key: Hashable, payloads: Sequence[Any]) -> list[asyncio.Future]:
         """Queue ``payloads`` under ``key``; each future gets its result (or the call's exception)."""
