@@ -19,6 +19,7 @@ Only Pillow and numpy are used: the runtime must not import torch.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -26,7 +27,10 @@ from PIL import Image, ImageOps
 
 from vit_explain.errors import ImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "BACKGROUND", "NOTICE_KEY", "SMALL_INPUT_FACTOR", "input_notices", "load_image", "is_image_file", "to_rgb"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "BACKGROUND", "NOTICE_KEY", "SMALL_INPUT_FACTOR", "input_notices", "load_image", "load_image_bytes",
+    "is_image_file", "to_rgb",
+]
 
 #: Largest image (width * height) accepted by default: Pillow's own hard limit
 #: (twice ``Image.MAX_IMAGE_PIXELS``), so a 100-megapixel photo still loads.
@@ -139,27 +143,41 @@ def _load_path(path: str, max_pixels: int | None, target_size: tuple[int, int] |
     """Open, check, fully decode and convert a file; every failure becomes an ImageError."""
     try:
         with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
-                raise ImageError(f"cannot read image {path}: the file is empty")
-            with Image.open(fh, formats=_allowed_formats()) as img:
-                _check_size(img, path, max_pixels)
-                if target_size is not None and img.format == "JPEG":
-                    side = max(1, int(max(target_size)))
-                    img.draft(None, (side, side))
-                img.load()  # decode now, inside the try: truncation surfaces here
-                frames = getattr(img, "n_frames", 1)
-                rgb = _finish(img)
-                if frames > 1:
-                    rgb.info[NOTICE_KEY] = (f"animated image ({frames} frames): the first frame is explained",)
-                return rgb
-    except ImageError:
-        raise
+            return _decode(fh, os.fstat(fh.fileno()).st_size, path, max_pixels, target_size)
     except FileNotFoundError as exc:
         raise ImageError(f"cannot read image {path}: no such file") from exc
     except IsADirectoryError as exc:
         raise ImageError(f"cannot read image {path}: it is a directory") from exc
     except PermissionError as exc:
         raise ImageError(f"cannot read image {path}: permission denied") from exc
+    except OSError as exc:
+        raise ImageError(f"cannot read image {path}: {_one_line(exc)}") from exc
+
+
+def load_image_bytes(data: bytes, path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for a file's bytes already read (from an object store, or by a Ray
+    Data read stage): the same checks, decoding and one-line errors, naming ``path``."""
+    return _decode(io.BytesIO(data), len(data), path, max_pixels, None)
+
+
+def _decode(fh, size: int, path: str, max_pixels: int | None, target_size: tuple[int, int] | None) -> Image.Image:
+    """Check, fully decode and convert an open file; every failure becomes an ImageError."""
+    try:
+        if size == 0:
+            raise ImageError(f"cannot read image {path}: the file is empty")
+        with Image.open(fh, formats=_allowed_formats()) as img:
+            _check_size(img, path, max_pixels)
+            if target_size is not None and img.format == "JPEG":
+                side = max(1, int(max(target_size)))
+                img.draft(None, (side, side))
+            img.load()  # decode now, inside the try: truncation surfaces here
+            frames = getattr(img, "n_frames", 1)
+            rgb = _finish(img)
+            if frames > 1:
+                rgb.info[NOTICE_KEY] = (f"animated image ({frames} frames): the first frame is explained",)
+            return rgb
+    except ImageError:
+        raise
     except Image.UnidentifiedImageError as exc:
         hint = _PLUGIN_HINTS.get(os.path.splitext(path)[1].lower(), "")
         raise ImageError(f"cannot read image {path}: not an image, or a format Pillow cannot read{hint}") from exc
