@@ -45,6 +45,15 @@ def start_ray(address: str | None) -> tuple[bool, float]:
     return True, time.perf_counter() - began
 
 
+def _quiet_ray_data(ray) -> None:
+    """Ray Data's progress bars and per-run INFO lines off: the command prints its own lines."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def _read_batch(batch):
     """Ray Data's read stage: each input's bytes, or why it could not be read (one line)."""
     pa = require("pyarrow", "parquet", "--engine ray")
@@ -102,7 +111,9 @@ def run_ray(model_path: str | Path, shards: Sequence[Shard], output_dir: Path, s
         return
     ray = require("ray", "ray", "--engine ray")
     pa = require("pyarrow", "parquet", "--engine ray")
-    started, _ = start_ray(address)
+    started, seconds = start_ray(address)
+    if started:
+        logger.info("Ray started in %.1f s", seconds)
     try:
         records = [(s.index, i, item) for s in shards for i, item in enumerate(s.items)]
         table = pa.table({
@@ -114,7 +125,11 @@ def run_ray(model_path: str | Path, shards: Sequence[Shard], output_dir: Path, s
             "absolute": [r[2].location if is_uri(r[2].location) else os.path.abspath(r[2].location) for r in records],
             "rel": [str(r[2].rel) for r in records],
         })
-        dataset = ray.data.from_arrow(table).map_batches(_read_batch, batch_format="pyarrow", batch_size=batch_size)
+        _quiet_ray_data(ray)
+        # Blocks are what Ray Data hands out: enough of them that every actor gets work.
+        rows = max(batch_size, -(-table.num_rows // (2 * actors)))
+        blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+        dataset = ray.data.from_arrow(blocks).map_batches(_read_batch, batch_format="pyarrow", batch_size=batch_size)
         dataset = dataset.map_batches(
             _ExplainActor, batch_format="pyarrow", batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads, num_gpus=1 if device == "cuda" else 0,

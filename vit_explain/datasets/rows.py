@@ -34,8 +34,9 @@ COLUMNS = (
     "map", "category_index", "category_name", "top_k", "mask", "mask_shape", "overlay", "error",
 )
 
-#: Overlays go under this sub-folder of the output folder, named as the files path names them.
-OVERLAY_DIR = "overlays"
+#: Overlays go under this sub-folder of the output folder, named as the files path names them; the
+#: leading underscore keeps pyarrow and pandas from taking it for data when they read the folder.
+OVERLAY_DIR = "_overlays"
 
 
 def row_schema():

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import OutputError
-from .shards import Shard, ShardResult, is_complete, stale_shards
+from .shards import Shard, ShardResult, failed_rows, is_complete, stale_shards
 
 __all__ = ["split_plan"]
 
@@ -31,7 +31,7 @@ def split_plan(output_dir: Path, shards: Sequence[Shard], overwrite: bool) -> tu
     todo, skipped = [], []
     for shard in shards:
         if not overwrite and is_complete(output_dir, shard):
-            skipped.append(ShardResult(shard, skipped=len(shard.items)))
+            skipped.append(ShardResult(shard, skipped=len(shard.items), failed_before=failed_rows(output_dir / shard.name)))
         else:
             todo.append(shard)
     return todo, skipped

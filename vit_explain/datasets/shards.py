@@ -53,6 +53,7 @@ class ShardResult:
     failed: int = 0
     skipped: int = 0
     errors: tuple[str, ...] = ()
+    failed_before: int = 0  # of the skipped images: those whose row (written by an earlier run) is an error
 
 
 def run_stamp(settings: ExplainSettings, overlays: bool) -> dict:
@@ -89,6 +90,17 @@ def read_stamp(path: Path) -> dict | None:
 
 def is_complete(output_dir: Path, shard: Shard) -> bool:
     return read_stamp(output_dir / shard.name) == shard.stamp
+
+
+def failed_rows(path: Path) -> int:
+    """Images a complete shard records as failed (its ``error`` column alone is read)."""
+    pq = require("pyarrow.parquet", "parquet", "--output-format parquet")
+    return len(set(pq.read_table(path, columns=["path", "error"]).filter(_has_error()).column("path").to_pylist()))
+
+
+def _has_error():
+    compute = require("pyarrow.compute", "parquet", "--output-format parquet")
+    return compute.is_valid(compute.field("error"))
 
 
 def stale_shards(output_dir: Path, count: int) -> list[Path]:
