@@ -126,8 +126,10 @@ def run_ray(model_path: str | Path, shards: Sequence[Shard], output_dir: Path, s
             "rel": [str(r[2].rel) for r in records],
         })
         _quiet_ray_data(ray)
-        # Blocks are what Ray Data hands out: enough of them that every actor gets work.
-        rows = max(batch_size, -(-table.num_rows // (2 * actors)))
+        # Blocks are what Ray Data hands out and hands back: enough that every actor gets work, and
+        # none larger than a shard, so shards are written (and a killed run keeps them) as they finish.
+        largest = max(len(s.items) for s in shards)
+        rows = max(1, min(largest, -(-table.num_rows // (2 * actors))))
         blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
         dataset = ray.data.from_arrow(blocks).map_batches(_read_batch, batch_format="pyarrow", batch_size=batch_size)
         dataset = dataset.map_batches(
