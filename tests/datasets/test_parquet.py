@@ -177,6 +177,11 @@ def test_manifests_text_csv_parquet_and_uris(tmp_path, photos, model):
     for name, mask in masks(tables["list.txt"]).items():
         assert np.array_equal(np.frombuffer(mask, "<f4"), np.frombuffer(masks(tables["list.csv"])[name], "<f4"))
 
+    # a folder given as a URI (pyarrow's filesystems: file:// here, s3:// or gs:// alike) is listed by photo extension
+    by_uri = cli(data.as_uri(), "--model", model, "-o", tmp_path / "uri", "--output-format", "parquet")
+    assert by_uri.exit_code == 0 and summary(by_uri.stderr) == (3, 0, 0), by_uri.output
+    assert sorted(pd.read_parquet(tmp_path / "uri")["path"]) == sorted((data / name).as_uri() for name in names)
+
     # the files path takes a manifest too; a manifest naming nothing is one line
     files = cli("--manifest", data / "list.csv", "--model", model, "-o", tmp_path / "files")
     assert summary(files.stderr) == (3, 0, 1), files.output
@@ -209,6 +214,10 @@ def test_flags_that_do_not_go_together_are_usage_errors(tmp_path, photos, monkey
     missing = cli(folder, "-o", tmp_path / "o", "--output-format", "parquet")
     assert missing.exit_code == 1 and "pip install 'vit-explain[parquet]'" in missing.output, missing.output
     assert not (tmp_path / "o").exists()
+    monkeypatch.delitem(sys.modules, "pyarrow.parquet")
+    monkeypatch.setitem(sys.modules, "ray.data", None)  # as if Ray were not installed
+    no_ray = cli(folder, "-o", tmp_path / "o", "--output-format", "parquet", "--engine", "ray")
+    assert no_ray.exit_code == 1 and "--engine ray needs ray: pip install 'vit-explain[ray]'" in no_ray.output, no_ray.output
 
 
 def _env() -> dict:

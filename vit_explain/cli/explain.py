@@ -90,7 +90,8 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
         if not items:
             raise fail(VitExplainError("no images to explain"))
         _check_output_dir_early(output_dir)
-        with open_explainer(model, device, threads) as explainer:
+        # Ray's actors open the model themselves: the driver's copy is for its metadata and checks only.
+        with open_explainer(model, *(("cpu", 1) if engine == "ray" else (device, threads))) as explainer:
             meta = explainer.metadata
             categories = check_categories(category_index, meta)
             resolved = _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories)

@@ -94,8 +94,7 @@ def run_dataset(explainer, items, problems, output_dir: Path, settings, *, shard
     if engine == "ray":
         from ..datasets.ray_engine import run_ray
 
-        on = "cuda" if explainer.session.uses_cuda else "cpu"
-        running = run_ray(explainer.session.path, todo, output_dir, settings, overlays, batch_size, actors or 1, on,
+        running = run_ray(explainer.session.path, todo, output_dir, settings, overlays, batch_size, actors or 1, device,
                           threads or 1, ray_address)
     else:
         running = run_local(explainer, todo, output_dir, settings, overlays, batch_size)

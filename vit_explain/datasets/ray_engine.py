@@ -106,7 +106,9 @@ def run_ray(model_path: str | Path, shards: Sequence[Shard], output_dir: Path, s
             overlays: bool, batch_size: int = 8, actors: int = 1, device: str = "cpu", threads: int = 1,
             address: str | None = None) -> Iterator[ShardResult]:
     """Explain ``shards`` on Ray (started here unless already running) and write each shard on
-    this machine as soon as all its rows are back; yields the shards' results as they complete."""
+    this machine as soon as all its rows are back; yields the shards' results as they complete.
+    ``device`` is each actor's (``cuda``: one GPU reserved per actor; ``auto``: whatever the
+    actor's machine has), ``threads`` each actor's thread count (and the CPUs it reserves)."""
     if not shards:
         return
     ray = require("ray", "ray", "--engine ray")
