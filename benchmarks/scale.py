@@ -176,7 +176,7 @@ def _report(args, argv, model, runs, ray_start, shard_bytes, meta) -> list[str]:
         f"Worked estimate from the local engine's marginal rate ({rates['local']:.1f} img/s on {args.threads} cores,"
         f" {per_core:.2f} img/s per core), assuming a {args.node_cores}-core node runs {args.node_cores // args.threads}"
         f" times this machine's rate (one actor per {args.threads} cores; decoding and the graph scale with cores, the"
-        " driver only writes ~1 KiB per image):",
+        f" driver only writes {shard_bytes / 1024:.1f} KiB per image):",
         "",
         "| images | CPU: 1 node | CPU: nodes for 24 h | CPU node-hours | GPU: 1 H200 | GPU: H200s for 24 h | GPU-hours |",
         "|--:|--:|--:|--:|--:|--:|--:|",
