@@ -28,7 +28,10 @@ from .outputs.placement import model_box
 from .runtime import Explainer
 from .runtime.images import input_notices, load_image
 
-__all__ = ["FORMATS", "ExplainSettings", "ImageOutcome", "Preview", "explain_images", "map_label", "outputs_for", "thumbnail"]
+__all__ = [
+    "FORMATS", "ExplainSettings", "ImageOutcome", "Preview", "explain_decoded", "explain_images", "map_label", "outputs_for",
+    "thumbnail",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +185,11 @@ def _load_or_error(item: InputImage) -> Image.Image | ImageError:
         return exc
 
 
-def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings, pool: ThreadPoolExecutor,
-                   wanted: set[int]) -> Iterator[ImageOutcome]:
-    """One ``Explainer.explain`` call per map category on the decoded images: the explainer cuts
-    the batch into parts that each go from image to mask on one core (the benchmark's route)."""
-    images = [image for _, _, image in loaded]
+def explain_decoded(explainer: Explainer, images: Sequence[Image.Image], settings: ExplainSettings):
+    """The one explain step every output format shares (files here, Parquet shards in
+    :mod:`vit_explain.datasets`): one ``Explainer.explain`` call per map category on decoded
+    images. Returns ``(per_category, top5)``: ``[(category, Explanation), ...]`` and each
+    image's top-5 predictions."""
     per_category = []
     for category in _map_categories(settings):
         result = explainer.explain(
@@ -194,7 +197,14 @@ def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings, pool
             discard_ratio=settings.discard_ratio, category_index=category, start_layer=settings.start_layer,
         )
         per_category.append((category, result))
-    top5 = per_category[0][1].top_k(5)
+    return per_category, per_category[0][1].top_k(5)
+
+
+def _explain_batch(explainer: Explainer, loaded, settings: ExplainSettings, pool: ThreadPoolExecutor,
+                   wanted: set[int]) -> Iterator[ImageOutcome]:
+    """One ``Explainer.explain`` call per map category on the decoded images: the explainer cuts
+    the batch into parts that each go from image to mask on one core (the benchmark's route)."""
+    per_category, top5 = explain_decoded(explainer, [image for _, _, image in loaded], settings)
 
     def write(index: int) -> ImageOutcome:
         item, files, image = loaded[index]

@@ -24,7 +24,7 @@ from .common import LINES, bad_settings, check_categories, fail, logger, open_ex
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("-m", "--model", default=None, metavar="FILE|NAME",
               help="An exported .onnx file, or a timm model name (exported once into the cache). [default: deit_tiny_patch16_224]")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-out"), show_default=True,
@@ -49,19 +49,31 @@ from .common import LINES, bad_settings, check_categories, fail, logger, open_ex
               help="Where onnxruntime runs: auto takes CUDA when onnxruntime-gpu and a GPU are there.")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [default: onnxruntime's choice].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-image messages.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
+              help="A text (one path a line), CSV ('path' column) or Parquet list of images; relative paths are the manifest folder's.")
+@click.option("--output-format", type=click.Choice(["files", "parquet"]), default="files", show_default=True,
+              help="files: overlay, mask and JSON per image; parquet: shards of one row per (image, map), resumable.")
+@click.option("--shard-size", type=click.IntRange(min=1), help="Images per Parquet shard. [default: 1000]")
+@click.option("--overlays", is_flag=True, help="With parquet: also write overlay PNGs (under _overlays/).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="With parquet: this process, or Ray Data (pip install 'vit-explain[ray]').")
+@click.option("--ray-address", help="Ray cluster to join ('auto': the running one). [default: a local Ray]")
+@click.option("--actors", type=click.IntRange(min=1), help="Ray actors, each with its own Explainer (one GPU each on CUDA). [default: 1]")
 def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start_layer, category_index, batch_size,
-            formats, colormap, alpha, overwrite, report, device, threads, quiet) -> None:
-    """Explain images: files, folders (recursive) or glob patterns.
+            formats, colormap, alpha, overwrite, report, device, threads, quiet, manifest, output_format, shard_size,
+            overlays, engine, ray_address, actors) -> None:
+    """Explain images: files, folders (recursive), glob patterns, or a --manifest.
 
     In folders and patterns, files with a photo's extension or image content are taken; one that
     cannot be read is reported with the reason, and the others go on.
 
     Writes, per image and map, an overlay PNG at the image's size, the raw mask (.npy, patch grid)
-    and one JSON with the top-5 predictions and the settings used.
+    and one JSON with the top-5 predictions and the settings used; with --output-format parquet,
+    Parquet shards instead (inputs may also be URIs pyarrow reads: s3://, gs://, file://).
     """
-    from ..discovery import discover_images
     from ..outputs import available_colormaps
     from ..pipeline import FORMATS, ExplainSettings
+    from .explain_dataset import check_dataset_flags, gather_inputs, run_dataset
 
     if colormap not in available_colormaps():
         raise click.BadParameter(f"unknown colormap {colormap!r} (for example: jet, viridis, inferno, turbo)", param_hint="--colormap")
@@ -69,13 +81,17 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
     with _interrupts_stop_cleanly():
         # Everything that needs no model first: a typo must not wait for a model download.
         chosen = _check_method_flags(method, head_fusion, discard_ratio, start_layer, category_index)
-        items, problems = discover_images(list(inputs), exclude=[output_dir])
+        check_dataset_flags(output_format, engine, overlays, shard_size, actors, ray_address, report, formats)
+        if not inputs and manifest is None:
+            raise click.UsageError("give images (files, folders, patterns) or --manifest FILE")
+        items, problems = gather_inputs(inputs, manifest, output_dir, output_format)
         for source, reason in problems:
             logger.warning("skipping %s: %s", source, reason)
         if not items:
             raise fail(VitExplainError("no images to explain"))
         _check_output_dir_early(output_dir)
-        with open_explainer(model, device, threads) as explainer:
+        # Ray's actors open the model themselves: the driver's copy is for its metadata and checks only.
+        with open_explainer(model, *(("cpu", 1) if engine == "ray" else (device, threads))) as explainer:
             meta = explainer.metadata
             categories = check_categories(category_index, meta)
             resolved = _resolve_method(explainer, chosen, head_fusion, discard_ratio, start_layer, categories)
@@ -85,6 +101,11 @@ def explain(inputs, model, output_dir, method, head_fusion, discard_ratio, start
                 tuple(formats) or FORMATS, colormap, alpha, overwrite, start_layer, meta.weights_sha256,
             )
             _check_output_dir(output_dir)
+            if output_format == "parquet":
+                run_dataset(explainer, items, problems, output_dir, settings, shard_size=shard_size, overlays=overlays,
+                            engine=engine, ray_address=ray_address, actors=actors, batch_size=batch_size,
+                            threads=threads, device=device, quiet=quiet)
+                return
             _run_explain(explainer, items, output_dir, settings, batch_size, report, quiet, problems)
 
 class _Interrupted(Exception):
