@@ -6,6 +6,7 @@ dashboard) for the module, shut down at its end. Skipped cleanly without Ray (th
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,9 @@ pq = pytest.importorskip("pyarrow.parquet")
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
+#: The most this module may take (~1 min on a loaded 2-core machine).
+RAY_TIMEOUT_S = 600
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -29,9 +33,12 @@ def local_ray():
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), previous]))
     ray.init(num_cpus=4, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    # Bounded: a Ray Data deadlock would hang the whole run; this ends it with the stacks instead.
+    faulthandler.dump_traceback_later(RAY_TIMEOUT_S, exit=True)
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         ray.shutdown()
         if previous is None:
             os.environ.pop("PYTHONPATH", None)

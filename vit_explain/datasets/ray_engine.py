@@ -1,8 +1,9 @@
 """The Ray engine: Ray Data reads the inputs and a pool of actors runs the torch-free Explainer.
 
-The dataset is the pending shards' inputs (one row each: shard, position, path). A task stage
-reads each file's bytes (pyarrow's filesystems: local paths and object-store URIs), then
-``map_batches`` with an :class:`~ray.data.ActorPoolStrategy` hands batches to ``actors``
+The dataset is the pending shards' inputs (one row each: shard, position, path). A first
+``map_batches`` reads each file's bytes (pyarrow's filesystems: local paths and object-store URIs;
+Ray fuses it into the actors' stage, so each actor reads its own batches), then ``map_batches``
+with an :class:`~ray.data.ActorPoolStrategy` hands batches to ``actors``
 explainers (one GPU each with ``device="cuda"``), which decode and explain with the very code of
 the local engine (:func:`.rows.explain_items`). The driver gathers the rows per shard and writes
 each shard, as the local engine does, once all its images are back. Ray is the ``[ray]`` extra.
