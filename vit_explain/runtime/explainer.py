@@ -20,7 +20,8 @@ from ..methods import Method, Settings, get_method, resolve_settings
 from ..methods.chain import LayerMaps, TokenLayout, rows_to_masks
 from .inputs import ImageInput, as_batch, class_weights, expand_category_index, preprocess
 from .device_path import DevicePath
-from .scheduler import Scheduler
+from .prefetch import Prefetcher
+from .scheduler import Scheduler, chunks
 from .session import ModelSession
 
 __all__ = ["Explanation", "Explainer", "choose_device_path", "softmax"]
@@ -139,6 +140,7 @@ class Explainer:
         self.fuse_in_graph = self.session.uses_cuda if fuse_in_graph is None else bool(fuse_in_graph)
         self.layout = TokenLayout(self.metadata.num_prefix_tokens, self.metadata.has_class_token)
         self.device_path = choose_device_path(self.session, method_in_graph)
+        self.prefetcher = Prefetcher()
 
     @property
     def workers(self) -> int:
@@ -158,6 +160,7 @@ class Explainer:
         """Stop the worker threads (see :meth:`Scheduler.close`); ``explain`` after it raises
         RuntimeError. Idempotent."""
         self.scheduler.close()
+        self.prefetcher.close()
 
     def __enter__(self) -> Explainer:
         return self
@@ -203,11 +206,29 @@ class Explainer:
             chosen = None if categories is None else categories[images]
             return self._explain_pixels(pixels, chosen, settings, single_thread)
 
-        masks, logits, explained = zip(*self.scheduler.run(batch, piece), strict=True)
+        if self._pipelines(inputs, batch):  # decoding of chunk k+1 overlaps the graph call of chunk k
+            results = self.prefetcher.run(
+                chunks(batch, self.graph_batch), lambda images: self.preprocess(inputs[images]),
+                lambda images, pixels: self._explain_pixels(
+                    pixels, None if categories is None else categories[images], settings, False
+                ),
+            )
+        else:
+            results = self.scheduler.run(batch, piece)
+        masks, logits, explained = zip(*results, strict=True)
         return Explanation(
             np.concatenate(masks), np.concatenate(logits), settings.method, settings.head_fusion,
             settings.discard_ratio, tuple(i for part in explained for i in (part or ())) or None, meta,
             settings.start_layer,
+        )
+
+    def _pipelines(self, inputs, batch: int) -> bool:
+        """Whether the batch runs as chunks with the next chunk's images decoded during the
+        current chunk's graph call (:mod:`.prefetch`): images to decode, more than one chunk, run
+        in turn (not as parts side by side), and a pool to decode on."""
+        return (
+            not isinstance(inputs, np.ndarray) and batch > self.graph_batch
+            and not self.scheduler.splits(batch) and self.scheduler.pool_map is not None
         )
 
     def _explain_pixels(self, pixels: np.ndarray, categories: tuple[int, ...] | None, settings: Settings, single_thread: bool):
