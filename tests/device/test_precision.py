@@ -61,6 +61,7 @@ def test_a_conversion_outside_the_bounds_is_refused(export_family, monkeypatch):
         precision.convert_checked(onnx.load(str(exported.path)), exported.metadata)
 
 
+@pytest.mark.slow
 def test_export_model_writes_a_checked_float16_file(tmp_path, make_test_model):
     from vit_explain.export.exporter import export_model
     from vit_explain.families import ModelSpec

@@ -18,8 +18,8 @@ import numpy as np
 from ..metadata import ModelMetadata
 from ..methods import Method, Settings, get_method, resolve_settings
 from ..methods.chain import LayerMaps, TokenLayout, rows_to_masks
-from .inputs import ImageInput, as_batch, class_weights, expand_category_index, preprocess
 from .device_path import DevicePath
+from .inputs import ImageInput, as_batch, class_weights, expand_category_index, preprocess
 from .prefetch import Prefetcher
 from .scheduler import Scheduler, chunks
 from .session import ModelSession
