@@ -9,6 +9,7 @@ per image, two input seeds; and the discard alone, on maps full of ties, picks e
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -23,6 +24,9 @@ from vit_explain.methods.chain import LayerMaps, TokenLayout, linear_step, propa
 from vit_explain.runtime import Explainer
 
 BOUND = 1e-5  # the issue's: masks equal to the numpy path's
+#: The provider both paths run on: the CPU here; ``VIT_EXPLAIN_TEST_DEVICE=cuda`` on a GPU machine
+#: checks the CUDA kernels (TopK's tie-breaking among them) the same way.
+DEVICE = os.environ.get("VIT_EXPLAIN_TEST_DEVICE", "cpu")
 DISCARDS = (0.0, 0.5, 0.9)
 CASES = [
     ("rollout", "mean"), ("rollout", "max"), ("rollout", "min"),
@@ -35,8 +39,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def explainers(export_family):
     path = export_family("deit").path
-    numpy_path = Explainer(path, device="cpu", threads=1, method_in_graph=False)
-    in_graph = Explainer(path, device="cpu", threads=1, method_in_graph=True)
+    numpy_path = Explainer(path, device=DEVICE, threads=1, method_in_graph=False)
+    in_graph = Explainer(path, device=DEVICE, threads=1, method_in_graph=True)
     yield numpy_path, in_graph
     numpy_path.close()
     in_graph.close()
@@ -103,7 +107,8 @@ def _standalone(method: str, layers: int, tokens: int, layout: TokenLayout, grid
     graph = helper.make_graph(builder.nodes, "method", [maps, *builder.inputs], [builder.output()], builder.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     onnx.checker.check_model(model)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    providers = (["CUDAExecutionProvider"] if DEVICE == "cuda" else []) + ["CPUExecutionProvider"]
+    return ort.InferenceSession(model.SerializeToString(), providers=providers)
 
 
 def _numpy_masks(method, maps, settings, layout, grid):
