@@ -16,6 +16,7 @@ graphs (no faster than float32 there), CUDA is where they pay.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,15 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     converter appends the input casts at the end, which the graph walker would not follow)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    half = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LayerNormalization"]
-    )
+    converter_log = logging.getLogger("onnxruntime.transformers.float16")
+    level = converter_log.level
+    converter_log.setLevel(logging.ERROR)  # its warnings print whole nodes; it handles what they name
+    try:
+        half = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LayerNormalization"]
+        )
+    finally:
+        converter_log.setLevel(level)
     graph = half.graph
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     ordered = topologically_sorted(list(graph.node), available)
