@@ -165,3 +165,11 @@ def test_unsupported_layout_names_what_it_does_not_know(export_family):
     per_window = helper.make_tensor_value_info(OUTPUT_ATTENTIONS, TensorProto.FLOAT, [meta.num_layers, "b", 3, 49, 49])
     assert "not [layers, batch, heads" in unsupported_layout(meta, per_window)
     assert "no stacked attentions" in unsupported_layout(meta, None)
+
+
+def test_prepare_creates_the_method_graph_session(explainers):
+    _, in_graph = explainers
+    in_graph.prepare("rollout", None, 1)  # None: the method's default fusion (max)
+    in_graph.prepare("grad_rollout", "min", 1, top1=True)
+    made = {kind for kind, _ in in_graph.session._sessions}
+    assert ("method", "rollout", "max", False) in made and ("method", "grad_rollout", "min", True) in made

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from ..graph.method_graph import OUTPUT_MASKS, method_inputs
 from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_PIXELS, OUTPUT_LOGITS
-from ..methods.registry import get_method
+from ..methods.registry import DEFAULT_HEAD_FUSION, get_method
 from ..methods.settings import Settings
 from .session import ModelSession
 
@@ -43,8 +43,9 @@ class DevicePath:
         self._device = "cuda" if session.uses_cuda else "cpu"
 
     def prepare(self, method: str, head_fusion: str | None, single_thread: bool = False, top1: bool = False) -> None:
-        """Create now the session :meth:`run` will use."""
-        self.session._session(method_kind(method, head_fusion, top1), single_thread)
+        """Create now the session :meth:`run` will use (``head_fusion`` None: the method's default)."""
+        fusion = head_fusion or DEFAULT_HEAD_FUSION[method]
+        self.session._session(method_kind(method, fusion, top1), single_thread)
 
     def run(
         self,
@@ -69,9 +70,9 @@ class DevicePath:
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
         batch = pixels.shape[0]
         binding = session.io_binding()
-        self._bind_input(binding, INPUT_PIXELS, pixels)
+        held = [self._bind_input(binding, INPUT_PIXELS, pixels)]  # alive until the call returns
         if record.class_specific and not top1:
-            self._bind_input(binding, INPUT_CLASS_WEIGHTS, np.ascontiguousarray(class_weights, dtype=np.float32))
+            held.append(self._bind_input(binding, INPUT_CLASS_WEIGHTS, np.ascontiguousarray(class_weights, dtype=np.float32)))
         for name, value in method_inputs(settings.method, settings.discard_ratio, settings.start_layer, meta.num_tokens).items():
             binding.bind_cpu_input(name, value)
         logits = np.empty((batch, meta.num_outputs), dtype=np.float32)
@@ -79,12 +80,15 @@ class DevicePath:
         for name, array in ((OUTPUT_LOGITS, logits), (OUTPUT_MASKS, masks)):
             binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
         session.run_with_iobinding(binding)
+        del held
         return logits, masks
 
-    def _bind_input(self, binding: ort.IOBinding, name: str, value: np.ndarray) -> None:
+    def _bind_input(self, binding: ort.IOBinding, name: str, value: np.ndarray) -> np.ndarray | ort.OrtValue:
         """On CUDA an OrtValue on the device (one host-to-device copy, before the call), else the
-        host array itself."""
+        host array itself; returned, for the caller to hold until the call is over."""
         if self._device == "cpu":
             binding.bind_cpu_input(name, value)
-        else:
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self._device, 0))
+            return value
+        on_device = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
+        binding.bind_ortvalue_input(name, on_device)
+        return on_device
