@@ -173,3 +173,21 @@ def test_prepare_creates_the_method_graph_session(explainers):
     in_graph.prepare("grad_rollout", "min", 1, top1=True)
     made = {kind for kind, _ in in_graph.session._sessions}
     assert ("method", "rollout", "max", False) in made and ("method", "grad_rollout", "min", True) in made
+
+
+def test_a_layout_field_it_was_not_written_for_declines(export_family, monkeypatch):
+    """A field added to the token layout (another seed, say) sends the model to the numpy path."""
+    import dataclasses
+
+    from vit_explain.graph import method_graph
+
+    meta = export_family("deit").metadata
+    tokens = meta.num_tokens
+    stacked = helper.make_tensor_value_info(OUTPUT_ATTENTIONS, TensorProto.FLOAT, [meta.num_layers, "b", 3, tokens, tokens])
+
+    @dataclasses.dataclass(frozen=True)
+    class SeededLayout(TokenLayout):
+        seed_kind: str = "class_token"
+
+    monkeypatch.setattr(method_graph, "TokenLayout", SeededLayout)
+    assert "seed_kind" in method_graph.unsupported_layout(meta, stacked)

@@ -24,6 +24,8 @@ lower index is a later entry. NaN maps are not given numpy's treatment (a NaN ma
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -53,6 +55,21 @@ _PREFIX = "vit_explain_method_"
 IN_GRAPH_METHODS = tuple(METHODS)
 
 
+#: The fields of the metadata and of the token layout this maths was written for: a field added
+#: later (a new kind of seed, windows) may change the maths, so the numpy path runs until the
+#: method graph learns it (then add it here).
+_KNOWN_METADATA = frozenset({
+    "source_model", "weights", "weights_sha256", "preprocess", "patch_size", "grid_size", "num_prefix_tokens",
+    "has_class_token", "num_layers", "num_heads", "num_outputs", "output_kind", "opset", "package_version",
+    "class_names", "pooling", "format_version", "extra",
+})
+_KNOWN_LAYOUT = frozenset({"num_prefix_tokens", "has_class_token"})
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def unsupported_layout(metadata: ModelMetadata, attentions: onnx.ValueInfoProto | None) -> str | None:
     """Why the in-graph maths does not know this model's layout, or None when it does.
 
@@ -68,6 +85,9 @@ def unsupported_layout(metadata: ModelMetadata, attentions: onnx.ValueInfoProto 
         return f"its attentions are not [layers, batch, heads, {tokens}, {tokens}]"
     if dims[0].HasField("dim_value") and dims[0].dim_value != metadata.num_layers:
         return "its attentions do not hold one map per layer"
+    new_fields = sorted((_fields(type(metadata)) - _KNOWN_METADATA) | (_fields(TokenLayout) - _KNOWN_LAYOUT))
+    if new_fields:  # e.g. another seed than the class token's row or the patch rows' mean
+        return f"the in-graph maths does not know the layout fields {', '.join(new_fields)}"
     if set(metadata.extra) - {"precision"}:
         return f"its metadata has fields the in-graph maths does not know ({', '.join(sorted(metadata.extra))})"
     return None
