@@ -75,3 +75,28 @@ def test_export_model_writes_a_checked_float16_file(tmp_path, make_test_model):
     with pytest.raises(ExportError, match="precision must be one of fp32, fp16"):
         export_model(ModelSpec("deit_tiny_patch16_224", weights="random"), tmp_path / "x.onnx", model=model,
                      precision="bf16")
+
+
+def test_the_cli_passes_the_precision_and_names_the_file(monkeypatch, tmp_path):
+    """``vit-explain export --precision fp16`` asks export_model for float16 and writes ``*_fp16.onnx``."""
+    from click.testing import CliRunner
+
+    import vit_explain.export as export_package
+    from vit_explain.cli import main
+
+    seen = {}
+
+    def fake_export(spec, output, class_names_file=None, opset=20, precision="fp32"):
+        seen.update(output=output, precision=precision)
+
+        class Result:
+            path = output
+        return Result()
+
+    monkeypatch.setattr(export_package, "export_model", fake_export)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["export", "deit_tiny_patch16_224", "--weights", "random", "--precision", "fp16"])
+    assert result.exit_code == 0, result.output
+    assert seen["precision"] == "fp16" and str(seen["output"]).endswith("deit_tiny_patch16_224_random0_fp16.onnx")
+    refused = CliRunner().invoke(main, ["export", "deit_tiny_patch16_224", "--precision", "bf16"])
+    assert refused.exit_code == 2 and "bf16" in refused.output
