@@ -61,13 +61,21 @@ IN_GRAPH_METHODS = tuple(METHODS)
 _KNOWN_METADATA = frozenset({
     "source_model", "weights", "weights_sha256", "preprocess", "patch_size", "grid_size", "num_prefix_tokens",
     "has_class_token", "num_layers", "num_heads", "num_outputs", "output_kind", "opset", "package_version",
-    "class_names", "pooling", "format_version", "extra",
+    "class_names", "pooling", "format_version", "extra", "seed_weights",
 })
-_KNOWN_LAYOUT = frozenset({"num_prefix_tokens", "has_class_token"})
+#: The seed row is the numpy path's own (:meth:`TokenLayout.seed`, a constant of the graph), so any
+#: seed these fields describe is followed exactly.
+_KNOWN_LAYOUT = frozenset({"num_prefix_tokens", "has_class_token", "seed_weights"})
 
 
 def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+def token_layout(metadata: ModelMetadata) -> TokenLayout:
+    """The file's token layout: each of :class:`TokenLayout`'s fields read from the metadata field
+    of that name (a layout field the metadata does not have is refused by :func:`unsupported_layout`)."""
+    return TokenLayout(**{name: getattr(metadata, name) for name in _fields(TokenLayout) if hasattr(metadata, name)})
 
 
 def unsupported_layout(metadata: ModelMetadata, attentions: onnx.ValueInfoProto | None) -> str | None:
@@ -85,7 +93,9 @@ def unsupported_layout(metadata: ModelMetadata, attentions: onnx.ValueInfoProto 
         return f"its attentions are not [layers, batch, heads, {tokens}, {tokens}]"
     if dims[0].HasField("dim_value") and dims[0].dim_value != metadata.num_layers:
         return "its attentions do not hold one map per layer"
-    new_fields = sorted((_fields(type(metadata)) - _KNOWN_METADATA) | (_fields(TokenLayout) - _KNOWN_LAYOUT))
+    layout_fields = _fields(TokenLayout)
+    new_fields = sorted((_fields(type(metadata)) - _KNOWN_METADATA) | (layout_fields - _KNOWN_LAYOUT)
+                        | (layout_fields - _fields(type(metadata))))
     if new_fields:  # e.g. another seed than the class token's row or the patch rows' mean
         return f"the in-graph maths does not know the layout fields {', '.join(new_fields)}"
     if set(metadata.extra) - {"precision"}:
@@ -223,7 +233,7 @@ def method_graph(
     graph = source.graph
     fused_output = next(o for o in graph.output if o.name == FUSED_OUTPUT)
     dtype = fused_output.type.tensor_type.elem_type
-    layout = TokenLayout(metadata.num_prefix_tokens, metadata.has_class_token)
+    layout = token_layout(metadata)
     builder = MethodGraphBuilder(metadata.num_layers, metadata.num_tokens, layout, tuple(metadata.grid_size))
     builder.build(FUSED_OUTPUT, dtype, method)
     graph.node.extend(builder.nodes)
