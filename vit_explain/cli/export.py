@@ -37,7 +37,10 @@ def _img_size(_ctx, _param, value: str | None) -> tuple[int, int] | None:
               help="Where to write the model [default: models/MODEL_NAME.onnx, with _HxW for --img-size"
                    " and _random<seed> or _<checkpoint name> for --weights].")
 @click.option("--opset", type=click.IntRange(18, 23), default=20, show_default=True, help="ONNX opset.")
-def export(model_name, weights, seed, img_size, num_classes, class_names, output, opset) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: convert the checked graph to float16 (for GPUs), refused when its masks or top-1"
+                   " miss the stated bounds against fp32.")
+def export(model_name, weights, seed, img_size, num_classes, class_names, output, opset, precision) -> None:
     """Export a Vision Transformer to a checked vit-explain ONNX model.
 
     MODEL_NAME: a timm model name, a folder written by transformers' save_pretrained (with its
@@ -57,10 +60,12 @@ def export(model_name, weights, seed, img_size, num_classes, class_names, output
     if weights not in ("pretrained", "random") and not Path(weights).is_file():
         raise click.BadParameter(f"{weights!r} is neither 'pretrained', 'random' nor an existing file", param_hint="--weights")
     spec = ModelSpec(model_name, weights=weights, seed=seed, img_size=img_size, num_classes=num_classes, family=family)
-    output = output or default_output_path(spec)
+    output = output or default_output_path(spec).with_name(
+        default_output_path(spec).stem + ("_fp16" if precision == "fp16" else "") + ".onnx"
+    )
     try:
         with showing_export_steps():
-            result = export_model(spec, output, class_names_file=class_names, opset=opset)
+            result = export_model(spec, output, class_names_file=class_names, opset=opset, precision=precision)
     except VitExplainError as exc:
         raise fail(exc) from None
     click.echo(str(result.path))

@@ -25,6 +25,7 @@ from .memory import (
     check_batch_size,
     estimate_export_bytes,
 )
+from .precision import PRECISIONS, convert_checked
 from .tracing import DEFAULT_OPSET, export_onnx, trace_explain_graph
 from .verify import ParityReport, check_parity
 
@@ -175,9 +176,12 @@ def export_model(
     class_names_file: Path | None = None,
     opset: int = DEFAULT_OPSET,
     model: nn.Module | None = None,
+    precision: str = "fp32",
 ) -> ExportResult:
     """Build, trace, convert, check against eager PyTorch, then save; nothing is written on failure.
 
+    ``precision="fp16"``: the checked graph converted to float16 (:mod:`.precision`), refused
+    when it misses the stated bounds against the float32 graph.
     ``model`` skips building from ``spec`` (tests export small, hand-made models this way);
     ``spec`` then only names it in the metadata. An export that would not fit in memory is
     refused before tracing. Progress goes to the ``vit_explain.export`` logger (INFO).
@@ -199,6 +203,12 @@ def export_model(
     parity = check_parity(
         proto, model, metadata.preprocess.input_size, metadata.num_outputs, check_batch_size(shape), family
     )
+    if precision == "fp16":  # converted from the checked graph, kept within stated bounds
+        _log.info("converting to float16 and checking it against the float32 graph")
+        proto, metadata, half = convert_checked(proto, metadata)
+        _log.info("%s", half.summary())
+    elif precision != "fp32":
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if proto.ByteSize() > _PROTOBUF_LIMIT:
         raise ExportError("models over 2 GB (ONNX protobuf limit) are not supported yet")
     data = proto.SerializeToString()

@@ -78,7 +78,9 @@ def gradients_inlined(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     found = False
     for node in graph.node:
-        if node.op_type == "If" and OUTPUT_GRADIENTS in node.output and list(node.input) == [INPUT_COMPUTE_GRADIENTS]:
+        # (its output may reach ``attention_gradients`` through a Cast: a float16 file, see
+        # :mod:`vit_explain.export.precision`)
+        if node.op_type == "If" and list(node.input) == [INPUT_COMPUTE_GRADIENTS]:
             branch = next(a.g for a in node.attribute if a.name == "then_branch")
             nodes.extend(branch.node)
             graph.initializer.extend(branch.initializer)

@@ -8,6 +8,7 @@ whatever differs between methods is read from the record.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,11 +18,15 @@ import numpy as np
 from ..metadata import ModelMetadata
 from ..methods import Method, Settings, get_method, resolve_settings
 from ..methods.chain import LayerMaps, TokenLayout, rows_to_masks
+from .device_path import DevicePath
 from .inputs import ImageInput, as_batch, class_weights, expand_category_index, preprocess
-from .scheduler import Scheduler
+from .prefetch import Prefetcher
+from .scheduler import Scheduler, chunks
 from .session import ModelSession
 
-__all__ = ["Explanation", "Explainer", "softmax"]
+__all__ = ["Explanation", "Explainer", "choose_device_path", "softmax"]
+
+logger = logging.getLogger(__name__)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -66,6 +71,16 @@ class Explanation:
         }
 
 
+def choose_device_path(session: ModelSession, wanted: bool | None) -> DevicePath | None:
+    """The in-graph path when wanted (default: on CUDA) and the model's layout allows it."""
+    if not (session.uses_cuda if wanted is None else wanted):
+        return None
+    if session.method_graph_declines:
+        logger.info("the method runs in numpy for this model: %s", session.method_graph_declines)
+        return None
+    return DevicePath(session)
+
+
 class Explainer:
     """Explain images with an exported vit-explain model.
 
@@ -86,6 +101,7 @@ class Explainer:
         threads: int | None = None,
         graph_batch: int | None = None,
         fuse_in_graph: bool | None = None,
+        method_in_graph: bool | None = None,
     ) -> None:
         """``graph_batch``: the most images per graph call (default 8 on the CPU, 64 on CUDA).
         Larger batches are explained in chunks: the attention outputs grow with the batch (about
@@ -107,7 +123,12 @@ class Explainer:
         (:meth:`ModelSession.run_fused`), so ``heads`` times less data leaves the GPU and the
         numpy maths reads one map per layer. On a CPU it is no faster than fusing in numpy (the
         graph's float64 product and reductions cost what numpy's do), so the raw outputs are used.
-        Both give the same masks."""
+        Both give the same masks.
+
+        ``method_in_graph`` (default: on CUDA only): the whole method runs inside the graph
+        (:mod:`.device_path`), so only logits and masks leave the device. On a CPU the numpy
+        path stays the default: measured no faster there (docs/drafts/gpu.md). A model whose
+        layout the in-graph maths does not know runs the numpy path, with a log line."""
         self.session = ModelSession(path, device=device, threads=threads)
         self.metadata: ModelMetadata = self.session.metadata
         if graph_batch is None:
@@ -120,6 +141,8 @@ class Explainer:
         self.layout = TokenLayout(
             self.metadata.num_prefix_tokens, self.metadata.has_class_token, self.metadata.seed_weights
         )
+        self.device_path = choose_device_path(self.session, method_in_graph)
+        self.prefetcher = Prefetcher()
 
     @property
     def workers(self) -> int:
@@ -139,6 +162,7 @@ class Explainer:
         """Stop the worker threads (see :meth:`Scheduler.close`); ``explain`` after it raises
         RuntimeError. Idempotent."""
         self.scheduler.close()
+        self.prefetcher.close()
 
     def __enter__(self) -> Explainer:
         return self
@@ -184,11 +208,29 @@ class Explainer:
             chosen = None if categories is None else categories[images]
             return self._explain_pixels(pixels, chosen, settings, single_thread)
 
-        masks, logits, explained = zip(*self.scheduler.run(batch, piece), strict=True)
+        if self._pipelines(inputs, batch):  # decoding of chunk k+1 overlaps the graph call of chunk k
+            results = self.prefetcher.run(
+                chunks(batch, self.graph_batch), lambda images: self.preprocess(inputs[images]),
+                lambda images, pixels: self._explain_pixels(
+                    pixels, None if categories is None else categories[images], settings, False
+                ),
+            )
+        else:
+            results = self.scheduler.run(batch, piece)
+        masks, logits, explained = zip(*results, strict=True)
         return Explanation(
             np.concatenate(masks), np.concatenate(logits), settings.method, settings.head_fusion,
             settings.discard_ratio, tuple(i for part in explained for i in (part or ())) or None, meta,
             settings.start_layer,
+        )
+
+    def _pipelines(self, inputs, batch: int) -> bool:
+        """Whether the batch runs as chunks with the next chunk's images decoded during the
+        current chunk's graph call (:mod:`.prefetch`): images to decode, more than one chunk, run
+        in turn (not as parts side by side), and a pool to decode on."""
+        return (
+            not isinstance(inputs, np.ndarray) and batch > self.graph_batch
+            and not self.scheduler.splits(batch) and self.scheduler.pool_map is not None
         )
 
     def _explain_pixels(self, pixels: np.ndarray, categories: tuple[int, ...] | None, settings: Settings, single_thread: bool):
@@ -197,6 +239,11 @@ class Explainer:
         # Without a category, the graph explains each image's top-1 output itself, in one call.
         top1 = record.class_specific and categories is None
         weights = class_weights(categories, self.metadata.num_outputs) if record.class_specific and not top1 else None
+        if self.device_path is not None:  # the method in the graph: masks come out of the call
+            logits, masks = self.device_path.run(pixels, settings, weights, single_thread, top1)
+            if top1 and self.metadata.output_kind == "logits":
+                categories = tuple(int(i) for i in logits.argmax(axis=1))
+            return masks, logits, categories
         outputs = self._call_graph(pixels, record, settings.head_fusion, weights, single_thread, top1)
         if self._fuses_in_graph(record):
             logits, fused = outputs
@@ -239,6 +286,10 @@ class Explainer:
 
         def call(images: slice, single_thread: bool) -> None:
             weights = None if class_weights is None else class_weights[images]
+            if self.device_path is not None:  # the method is part of the graph call here
+                settings = resolve_settings(method, head_fusion, has_category=weights is not None)
+                self.device_path.run(pixels[images], settings, weights, single_thread, top1=weights is None)
+                return
             self._call_graph(pixels[images], record, head_fusion, weights, single_thread)
 
         self.scheduler.run(len(pixels), call)
@@ -246,6 +297,9 @@ class Explainer:
     def prepare(self, method: str, head_fusion: str | None, batch: int, top1: bool = False) -> None:
         """Create now the sessions :meth:`explain` will use for ``batch`` images (else made on
         first use); ``top1``: for a class-specific method called without a category."""
+        if self.device_path is not None:
+            self.device_path.prepare(method, head_fusion, self.scheduler.splits(batch), top1)
+            return
         self.session.prepare(
             method, head_fusion, fused=self._fuses_in_graph(get_method(method)),
             single_thread=self.scheduler.splits(batch), top1=top1,

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from ..errors import DeviceError, ModelFileError, first_line
 from ..graph import FUSED_OUTPUT, SessionKind, derive, forward_only, fused_kind
+from ..graph.method_graph import method_graph, unsupported_layout
 from ..metadata import (
     INPUT_CLASS_WEIGHTS,
     INPUT_COMPUTE_GRADIENTS,
@@ -114,6 +115,11 @@ class ModelSession:
         except MetadataError as exc:
             raise MetadataError(f"{self.path}: {exc}") from None
         forward_only(model)  # refuses a file whose forward half reads the class weights, now
+        #: Why the method cannot run inside the graph for this file (None: it can), see
+        #: :func:`vit_explain.graph.method_graph.unsupported_layout`.
+        self.method_graph_declines = unsupported_layout(
+            self.metadata, next((o for o in model.graph.output if o.name == OUTPUT_ATTENTIONS), None)
+        )
         del model
         self._sessions: dict[tuple[SessionKind, bool], ort.InferenceSession] = {}
         #: Per session kind, the output names of each stacked output's layers (None: kept stacked).
@@ -207,7 +213,10 @@ class ModelSession:
         :attr:`_layer_names`, shared by the single- and multi-threaded sessions. Called under the
         lock."""
         if kind not in self._derived:
-            model, layers = derive(self._load_proto(), kind, self.metadata.output_kind, self.metadata.num_layers)
+            if isinstance(kind, tuple) and kind[0] == "method":  # the method's maths in the graph
+                model, layers = method_graph(self._load_proto(), *kind[1:], self.metadata), {}
+            else:
+                model, layers = derive(self._load_proto(), kind, self.metadata.output_kind, self.metadata.num_layers)
             self._layer_names[kind] = layers
             self._derived[kind] = model.SerializeToString()
         return self._derived[kind]
