@@ -109,7 +109,7 @@ def test_masks_of_every_method_match_the_reference(hf_key, method, export_hf, pa
         explained = categories if method in ("grad_rollout", "gae") else None
         result = explainer.explain(pixels, method=method, category_index=explained, **kwargs)
         error = np.abs(result.masks.reshape(3, -1) - expected).max(axis=1)
-        parity_record(hf_key, "masks", float(error.max()))
+        parity_record(hf_key, "mask max diff", float(error.max()))
         assert (error <= MASK_TOLERANCE + 2 * ROW_NOISE / peak).all(), (method, fusion, error, peak)
 
 

@@ -141,7 +141,7 @@ def test_torchvision_attention_gradient_matches_finite_differences():
     _finite_difference_check(model, lambda m, grads: TorchvisionTaps(m, grads), pixels, weights, ENTRIES)
 
 
-def test_torchvision_export_matches_eager(tmp_path):
+def test_torchvision_export_matches_eager(tmp_path, parity_record):
     """Graph vs eager and every method's mask for a small torchvision ViT (batch 3, three classes)."""
     from vit_explain.export.exporter import export_model
     from vit_explain.export.verify import relative_error
@@ -161,7 +161,9 @@ def test_torchvision_export_matches_eager(tmp_path):
     graph = ModelSession(result.path, device="cpu").run(pixels.numpy(), weights.numpy())
     eager = TorchReference(model, FAMILIES["torchvision"]).outputs(pixels, weights)
     for name in ("logits", "attentions", "gradients"):
-        assert relative_error(getattr(graph, name), getattr(eager, name).numpy()) < 1e-5, name
+        error = relative_error(getattr(graph, name), getattr(eager, name).numpy())
+        parity_record("torchvision", name, error)
+        assert error < 1e-5, name
     explainer = Explainer(result.path, device="cpu")
     attentions, gradients = list(eager.attentions), list(eager.gradients)
     for method, expected in (
@@ -173,4 +175,5 @@ def test_torchvision_export_matches_eager(tmp_path):
         masks = explainer.explain(pixels.numpy(), method=method, category_index=categories, **kwargs).masks
         expected = expected.double().numpy()
         expected = expected / expected.max(axis=1, keepdims=True)
+        parity_record("torchvision", "mask max diff", float(np.abs(masks.reshape(3, -1) - expected).max()))
         np.testing.assert_allclose(masks.reshape(3, -1), expected, atol=1e-5)

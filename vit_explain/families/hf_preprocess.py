@@ -24,7 +24,7 @@ __all__ = ["RESAMPLE_NAMES", "preprocess_from_processor"]
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def _size(value: Any, what: str) -> dict[str, int]:
+def _size(value: Any) -> dict[str, int]:
     if value is None:
         return {}
     if isinstance(value, int):
@@ -53,7 +53,7 @@ def _resize_and_crop(processor: Any) -> tuple[tuple[int, ...], tuple[int, int]]:
     """``(resize_size, (height, width) of the model input)`` from the processor's settings."""
     if not getattr(processor, "do_resize", True):
         raise ExportError("the image processor does not resize (do_resize=false): the model input size would vary")
-    size = _size(getattr(processor, "size", None), "size")
+    size = _size(getattr(processor, "size", None))
     if "height" in size and "width" in size:
         resize: tuple[int, ...] = (size["height"], size["width"])
     elif set(size) == {"shortest_edge"}:
@@ -61,7 +61,7 @@ def _resize_and_crop(processor: Any) -> tuple[tuple[int, ...], tuple[int, int]]:
     else:
         raise ExportError(f"image processor size {size} is not supported (need height and width, or shortest_edge alone)")
     if getattr(processor, "do_center_crop", False):
-        crop = _size(getattr(processor, "crop_size", None), "crop_size")
+        crop = _size(getattr(processor, "crop_size", None))
         if not ("height" in crop and "width" in crop):
             raise ExportError(f"image processor crop_size {crop} is not supported (need height and width)")
         return resize, (crop["height"], crop["width"])
