@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelFileError
+from .windowing import WindowedLayout, WindowLayoutError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -170,10 +171,34 @@ class ModelMetadata:
     pooling: str = "token"  # timm's global_pool: "token", "avg", "avgmax" or "max"
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # Windowed, hierarchical models (Swin): stage grids, windows, shifts, merges
+    # (:class:`~vit_explain.windowing.WindowedLayout` as JSON); None for a plain ViT.
+    windows: dict[str, Any] | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def window_layout(self) -> WindowedLayout | None:
+        """The windowed layout (checked), or None for a model with global attention."""
+        if self.windows is None:
+            return None
+        try:
+            return WindowedLayout.from_dict(self.windows)
+        except WindowLayoutError as exc:
+            raise _field_error("windows", self.windows, f"is inconsistent: {exc}") from None
+
+    def _check_windows(self) -> None:
+        layout = self.window_layout
+        if layout is None:
+            return
+        if self.num_prefix_tokens != 0 or self.has_class_token:
+            raise _field_error("num_prefix_tokens", self.num_prefix_tokens, "must be 0 for a windowed model")
+        if layout.stage_grids[0] != tuple(self.grid_size):
+            raise _field_error("windows", self.windows, f"must start from the {_hw(self.grid_size)} patch grid")
+        if len(layout.blocks) != self.num_layers:
+            raise _field_error("windows", self.windows, f"must list {self.num_layers} blocks (num_layers)")
 
     def check_fields(self) -> None:
         """Each field on its own: types, ranges, known names (see :meth:`PreprocessConfig.check`)."""
@@ -199,6 +224,7 @@ class ModelMetadata:
         names = self.class_names
         if not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
             raise _field_error("class_names", names, "must be a list of strings")
+        self._check_windows()
 
     def check_class_names(self) -> None:
         """None (the runtime then says "class N") or exactly one name per output: two names for
@@ -287,9 +313,11 @@ class ModelMetadata:
             "patch grid": f"{self.grid_size[0]}x{self.grid_size[1]}",
             "prefix tokens": self.num_prefix_tokens,
             "pooling": self.pooling,
-            "rollout reads": "class token row" if self.has_class_token else "mean of patch rows",
+            "rollout reads": "class token row" if self.has_class_token else (
+                "mean of the last stage's tokens" if self.windows is not None else "mean of patch rows"),
             "layers": self.num_layers,
             "heads": self.num_heads,
+            **(self.window_layout.describe() if self.windows is not None else {}),
             "outputs": f"{self.num_outputs} {'classes' if self.output_kind == 'logits' else 'features'}",
             "opset": self.opset,
             "format version": self.format_version,

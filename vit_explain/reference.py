@@ -18,7 +18,7 @@ two share no maths code.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,8 +90,11 @@ def torch_rollout(
 class TorchReference:
     """Eager-model attentions, gradients and rollout masks for a timm Vision Transformer."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack) -> None:
+        """``pack``: how the layers' maps become one tensor, as the exported graph returns them
+        (stacked; a windowed family packs its differently shaped blocks per image)."""
         self.model = model.eval()
+        self.pack = pack
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         self.has_class_token = reads_class_token(model)
         self.grid_size = tuple(model.patch_embed.grid_size)
@@ -104,7 +107,7 @@ class TorchReference:
             if not want_grad:
                 with torch.no_grad():
                     logits = self.model(pixel_values)
-                return ReferenceOutputs(logits, torch.stack(recorder.attentions), None)
+                return ReferenceOutputs(logits, self.pack(list(recorder.attentions)), None)
             with torch.enable_grad():
                 pixels = pixel_values.detach().clone().requires_grad_(True)
                 logits = self.model(pixels)
@@ -112,9 +115,9 @@ class TorchReference:
                 self.model.zero_grad(set_to_none=True)
                 score.backward()
             layers = len(recorder.attentions)
-            gradients = torch.stack([recorder.gradients[i] for i in range(layers)])
+            gradients = self.pack([recorder.gradients[i] for i in range(layers)])
             return ReferenceOutputs(
-                logits.detach(), torch.stack(recorder.attentions).detach(), gradients.detach()
+                logits.detach(), self.pack(list(recorder.attentions)).detach(), gradients.detach()
             )
 
     def masks(

@@ -59,7 +59,7 @@ def describe_model(
 ) -> ModelMetadata:
     """The metadata of ``model``, from its family's answers (layout, seed, outputs, preprocessing),
     after the family has refused what cannot be explained."""
-    family = family_for(spec)
+    family = family_for(spec, model)
     family.check(model)
     layout = family.layout(model)
     reading = family.head_reading(model)
@@ -82,16 +82,19 @@ def describe_model(
         opset=opset,
         package_version=__version__,
         class_names=family.class_names(model, num_outputs, class_names_file) if output_kind == "logits" else (),
+        windows=family.windows(model),
     )
 
 
 def model_shape(model: nn.Module, spec: ModelSpec, metadata: ModelMetadata) -> ModelShape:
     """The sizes the export's memory depends on, read from the built model."""
     tokens = metadata.grid_size[0] * metadata.grid_size[1] + metadata.num_prefix_tokens
-    _, _, width = family_for(spec).depth(model)
+    _, _, width = family_for(spec, model).depth(model)
     tensors = list(model.parameters()) + list(model.buffers())
     parameter_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    return ModelShape(metadata.num_layers, metadata.num_heads, tokens, width, parameter_bytes)
+    windows = metadata.window_layout  # windowed: the attention is the windows', not tokens^2
+    values = None if windows is None else windows.packed_values
+    return ModelShape(metadata.num_layers, metadata.num_heads, tokens, width, parameter_bytes, values)
 
 
 def export_command(spec: ModelSpec, output: Path | None, class_names_file: Path | None, opset: int) -> str:
@@ -122,7 +125,9 @@ def _smaller_size_that_fits(metadata: ModelMetadata, shape: ModelShape, availabl
     for rows in range(grid_h - 1, 0, -1):
         columns = max(1, round(rows * grid_w / grid_h))
         tokens = rows * columns + metadata.num_prefix_tokens
-        if estimate_export_bytes(replace(shape, tokens=tokens)) <= available:
+        values = shape.attention_values  # windowed: linear in the tokens
+        values = None if values is None else values * tokens // shape.tokens
+        if estimate_export_bytes(replace(shape, tokens=tokens, attention_values=values)) <= available:
             return rows * patch_h, columns * patch_w
     return None
 
@@ -186,6 +191,7 @@ def export_model(
         _log.info("loading %s (%s)", spec.name, spec.weights_label)
         model = family.build(spec)
     model = model.eval()
+    family = family_for(spec, model)
     metadata = describe_model(model, spec, class_names_file, opset)
     shape = model_shape(model, spec, metadata)
     _refuse_when_too_big(spec, metadata, shape, output, class_names_file, opset)
@@ -195,7 +201,10 @@ def export_model(
     proto = _trace_and_convert(model, metadata, opset, family)
 
     _log.info("checking the graph against the eager model")
-    parity = check_parity(proto, model, metadata.preprocess.input_size, metadata.num_outputs, check_batch_size(shape))
+    parity = check_parity(
+        proto, model, metadata.preprocess.input_size, metadata.num_outputs, check_batch_size(shape),
+        pack=lambda maps: family.pack(model, maps),
+    )
     if proto.ByteSize() > _PROTOBUF_LIMIT:
         raise ExportError("models over 2 GB (ONNX protobuf limit) are not supported yet")
     data = proto.SerializeToString()

@@ -30,6 +30,7 @@ from ..metadata import (
     ModelMetadata,
 )
 from ..methods.registry import get_method
+from ..methods.windowed import unpack
 from .file_checks import check_external_data, check_graph_shapes
 
 __all__ = [
@@ -274,8 +275,14 @@ class ModelSession:
             names.extend(layers[group] or [group])
         values = iter(self._run(session, feeds, names))
         logits = next(values)
-        per_group = [[next(values) for _ in layers[group]] if layers[group] else list(next(values)) for group in groups]
+        per_group = [[next(values) for _ in layers[group]] if layers[group] else self._layers_of(next(values)) for group in groups]
         return LayerOutputs(logits, per_group[0], per_group[1] if with_gradients else None)
+
+    def _layers_of(self, stacked: np.ndarray) -> list[np.ndarray]:
+        """A stacked output's layers: ``[L, B, ...]`` split on its first axis or, for a windowed
+        model, the packed ``[B, values]`` split into its blocks (:func:`~vit_explain.methods.windowed.unpack`)."""
+        layout = self.metadata.window_layout
+        return list(stacked) if layout is None else unpack(stacked, layout)
 
     def run(
         self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
