@@ -82,22 +82,24 @@ def test_the_file_describes_its_windows(exported):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_graph_matches_eager_timm(exported, seed, batch):
-    _, model, _, _, explainer = exported
+def test_graph_matches_eager_timm(exported, seed, batch, parity_record):
+    key, model, _, _, explainer = exported
     pixels, weights = _pixels(model, batch, seed), _weights([2, 7, 4][:batch])
     logits, attentions, gradients = eager_maps(model, pixels, weights)
     graph = explainer.session.run_layers(pixels.numpy(), weights.numpy())
+    parity_record(f"swin-{key}", "logits", _relative(graph.logits, logits))
     assert _relative(graph.logits, logits) <= TOLERANCE
     assert len(graph.attentions) == len(attentions) == len(graph.gradients)
-    for ours, theirs in zip(graph.attentions, attentions, strict=True):
-        assert ours.shape == theirs.shape and _relative(ours, theirs) <= TOLERANCE
-    for ours, theirs in zip(graph.gradients, gradients, strict=True):
-        assert ours.shape == theirs.shape and _relative(ours, theirs) <= TOLERANCE
+    for name, ours_all, theirs_all in (("attentions", graph.attentions, attentions), ("gradients", graph.gradients, gradients)):
+        for ours, theirs in zip(ours_all, theirs_all, strict=True):
+            assert ours.shape == theirs.shape
+            parity_record(f"swin-{key}", name, _relative(ours, theirs))
+            assert _relative(ours, theirs) <= TOLERANCE
 
 
 @pytest.mark.parametrize("method, fusion, discard", METHOD_CASES)
-def test_explainer_masks_match_the_dense_reference(exported, method, fusion, discard):
-    _, model, _, _, explainer = exported
+def test_explainer_masks_match_the_dense_reference(exported, method, fusion, discard, parity_record):
+    key, model, _, _, explainer = exported
     for batch, classes in ((1, [5]), (3, [1, 8, 3])):
         pixels = _pixels(model, batch, 20 + batch)
         class_specific = method in ("grad_rollout", "gae")
@@ -109,11 +111,15 @@ def test_explainer_masks_match_the_dense_reference(exported, method, fusion, dis
         reference = dense_swin_rows(model, graph.attentions, graph.gradients, method, result.head_fusion, discard or 0.0)
         grid = model.patch_embed.grid_size
         assert result.masks.shape == (batch, *grid) and result.masks.dtype == np.float32
-        assert np.abs(result.masks - scaled(reference).reshape(batch, *grid)).max() <= TOLERANCE
+        error = np.abs(result.masks - scaled(reference).reshape(batch, *grid)).max()
+        parity_record(f"swin-{key}", "masks (graph tensors)", error)
+        assert error <= TOLERANCE
         if not discard:  # no discard boundary for float noise to cross: eager tensors too
             _, attentions, gradients = eager_maps(model, pixels, _weights(classes))
             eager = dense_swin_rows(model, attentions, gradients, method, result.head_fusion, 0.0)
-            assert np.abs(result.masks - scaled(eager).reshape(batch, *grid)).max() <= TOLERANCE
+            error = np.abs(result.masks - scaled(eager).reshape(batch, *grid)).max()
+            parity_record(f"swin-{key}", "masks (eager, discard 0)", error)
+            assert error <= TOLERANCE
 
 
 def test_a_batch_of_three_equals_each_image_alone_and_graph_fusion_is_not_used(exported):

@@ -287,7 +287,10 @@ class ModelSession:
     def run(
         self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
     ) -> GraphOutputs:
-        """:meth:`run_layers` with the layers stacked, ``[L, B, heads, N, N]``, as the file's outputs."""
+        """:meth:`run_layers` with the layers stacked, ``[L, B, heads, N, N]``, as the file's outputs
+        (not for a windowed model, whose blocks differ in shape: use :meth:`run_layers`)."""
+        if self.metadata.windows is not None:
+            raise ValueError("a windowed model's blocks differ in shape and cannot be stacked: use run_layers")
         outputs = self.run_layers(pixel_values, class_weights, single_thread)
         gradients = None if outputs.gradients is None else np.stack(outputs.gradients)
         return GraphOutputs(outputs.logits, np.stack(outputs.attentions), gradients)
