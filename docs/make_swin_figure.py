@@ -29,7 +29,7 @@ from vit_explain.runtime.images import load_image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ["both.png", "dogbird.png", "plane.png"]
 #: (caption, method, head fusion, discard ratio)
-MAPS = [("rollout, max, 0.9", "rollout", "max", 0.9), ("gae", "gae", None, None)]
+MAPS = [("rollout, max, 0.9", "rollout", "max", 0.9), ("rollout, min, 0.9", "rollout", "min", 0.9)]
 
 
 def build(vit: Explainer, swin: Explainer, images: Path):
