@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelFileError
-from .windowing import WindowedLayout, WindowLayoutError
+from .windowing import describe_windows
 
 __all__ = [
     "FORMAT_VERSION",
@@ -60,9 +60,9 @@ OUTPUT_GRADIENTS = "attention_gradients"
 #: repeated here because that module needs Pillow, and a test keeps the two equal).
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 #: timm's crop modes (``runtime.preprocess.CROP_MODES``).
-CROP_MODE_NAMES = ("center", "squash", "border")
-#: timm ``global_pool`` values whose output is one vector per image (what export accepts).
-POOLINGS = ("token", "avg", "avgmax", "max")
+CROP_MODE_NAMES = ("center", "squash", "border", "center_floor")
+#: How the head pools: timm ``global_pool`` values with one vector per image, and "token+avg" ([CLS, patch mean]).
+POOLINGS = ("token", "avg", "avgmax", "max", "token+avg")
 OUTPUT_KINDS = ("logits", "features")
 
 
@@ -120,6 +120,9 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     crop_pct: float = 0.875
     crop_mode: str = "center"
+    # The resize before the crop when not timm's floor(size / crop_pct): (short side,) as torchvision
+    # Resize(int) / HF shortest_edge, or an exact (height, width) (HF size={height, width}). () = timm's.
+    resize_size: tuple[int, ...] = ()
 
     @property
     def height(self) -> int:
@@ -134,6 +137,9 @@ class PreprocessConfig:
             raise _field_error("preprocess.input_size", self.input_size, "must have 3 channels (RGB)")
         _one_of("preprocess.interpolation", self.interpolation, INTERPOLATION_NAMES)
         _one_of("preprocess.crop_mode", self.crop_mode, CROP_MODE_NAMES)
+        size = self.resize_size
+        if not (isinstance(size, tuple) and len(size) in (0, 1, 2) and all(_is_int(v) and v > 0 for v in size)):
+            raise _field_error("preprocess.resize_size", size, "must be empty, 1 or 2 positive integers")
         if not (_is_number(self.crop_pct) and 0 < self.crop_pct <= 1):
             raise _field_error("preprocess.crop_pct", self.crop_pct, "must be in (0, 1]")
         if not (isinstance(self.mean, tuple) and len(self.mean) == 3 and all(_is_number(v) for v in self.mean)):
@@ -169,36 +175,17 @@ class ModelMetadata:
     package_version: str
     class_names: tuple[str, ...] = ()
     pooling: str = "token"  # timm's global_pool: "token", "avg", "avgmax" or "max"
+    # The rollout seed as one weight per prefix token, then one for the patch rows' mean
+    # (methods.chain.TokenLayout); None (files without it too): derived from has_class_token.
+    seed_weights: tuple[float, ...] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
-    # Windowed, hierarchical models (Swin): stage grids, windows, shifts, merges
-    # (:class:`~vit_explain.windowing.WindowedLayout` as JSON); None for a plain ViT.
+    # Windowed, hierarchical models (Swin): :func:`vit_explain.windowing.layout_of`; None for a ViT.
     windows: dict[str, Any] | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def window_layout(self) -> WindowedLayout | None:
-        """The windowed layout (checked), or None for a model with global attention."""
-        if self.windows is None:
-            return None
-        try:
-            return WindowedLayout.from_dict(self.windows)
-        except WindowLayoutError as exc:
-            raise _field_error("windows", self.windows, f"is inconsistent: {exc}") from None
-
-    def _check_windows(self) -> None:
-        layout = self.window_layout
-        if layout is None:
-            return
-        if self.num_prefix_tokens != 0 or self.has_class_token:
-            raise _field_error("num_prefix_tokens", self.num_prefix_tokens, "must be 0 for a windowed model")
-        if layout.stage_grids[0] != tuple(self.grid_size):
-            raise _field_error("windows", self.windows, f"must start from the {_hw(self.grid_size)} patch grid")
-        if len(layout.blocks) != self.num_layers:
-            raise _field_error("windows", self.windows, f"must list {self.num_layers} blocks (num_layers)")
 
     def check_fields(self) -> None:
         """Each field on its own: types, ranges, known names (see :meth:`PreprocessConfig.check`)."""
@@ -216,6 +203,7 @@ class ModelMetadata:
                 raise _field_error(name, getattr(self, name), "must be a positive integer")
         _one_of("output_kind", self.output_kind, OUTPUT_KINDS)
         _one_of("pooling", self.pooling, POOLINGS)
+        self._check_seed_weights()
         for name in ("source_model", "weights", "weights_sha256", "package_version"):
             if not isinstance(getattr(self, name), str):
                 raise _field_error(name, getattr(self, name), "must be a string")
@@ -224,7 +212,12 @@ class ModelMetadata:
         names = self.class_names
         if not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
             raise _field_error("class_names", names, "must be a list of strings")
-        self._check_windows()
+
+    def _check_seed_weights(self) -> None:
+        weights, count = self.seed_weights, self.num_prefix_tokens + 1
+        if weights is not None and not (isinstance(weights, tuple) and len(weights) == count
+                                        and all(_is_number(w) and w >= 0 for w in weights) and sum(weights) > 0):
+            raise _field_error("seed_weights", weights, f"must be {count} numbers >= 0, not all 0 (prefix tokens, patch mean)")
 
     def check_class_names(self) -> None:
         """None (the runtime then says "class N") or exactly one name per output: two names for
@@ -286,9 +279,13 @@ class ModelMetadata:
                 raise _field_error("preprocess", pre, "must be a JSON object")
             for key in ("input_size", "mean", "std"):
                 pre[key] = _as_tuple(f"preprocess.{key}", pre[key])
+            if "resize_size" in pre:
+                pre["resize_size"] = _as_tuple("preprocess.resize_size", pre["resize_size"])
             raw["preprocess"] = PreprocessConfig(**pre)
             for key in ("patch_size", "grid_size", "class_names"):
                 raw[key] = _as_tuple(key, raw[key])
+            if raw.get("seed_weights") is not None:
+                raw["seed_weights"] = _as_tuple("seed_weights", raw["seed_weights"])
             metadata = cls(**raw)
         except (KeyError, TypeError) as exc:
             raise MetadataError(f"metadata is incomplete or malformed: {exc}") from exc
@@ -306,23 +303,39 @@ class ModelMetadata:
             "parameters sha256": self.weights_sha256,
             "input size": f"{pre.height}x{pre.width}",
             "interpolation": pre.interpolation,
-            "crop": f"{pre.crop_mode}, crop_pct={pre.crop_pct}",
+            "crop": _crop_text(pre),
             "mean": list(pre.mean),
             "std": list(pre.std),
             "patch size": f"{self.patch_size[0]}x{self.patch_size[1]}",
             "patch grid": f"{self.grid_size[0]}x{self.grid_size[1]}",
             "prefix tokens": self.num_prefix_tokens,
             "pooling": self.pooling,
-            "rollout reads": "class token row" if self.has_class_token else (
-                "mean of the last stage's tokens" if self.windows is not None else "mean of patch rows"),
+            "rollout reads": "mean of the last stage's tokens" if self.windows is not None else self.seed_text(),
             "layers": self.num_layers,
             "heads": self.num_heads,
-            **(self.window_layout.describe() if self.windows is not None else {}),
+            **describe_windows(self.windows),
             "outputs": f"{self.num_outputs} {'classes' if self.output_kind == 'logits' else 'features'}",
             "opset": self.opset,
             "format version": self.format_version,
             "exported by": f"vit-explain {self.package_version}",
         }
+
+
+    def seed_text(self) -> str:
+        """The seed in words: "class token row", "mean of patch rows" or a weighted mix."""
+        if self.seed_weights is None:
+            return "class token row" if self.has_class_token else "mean of patch rows"
+        names = ["class token row" if i == 0 and self.has_class_token else f"token {i} row"
+                 for i in range(self.num_prefix_tokens)] + ["mean of patch rows"]
+        total = sum(self.seed_weights)
+        return " + ".join(f"{w / total:g} x {name}" for w, name in zip(self.seed_weights, names, strict=True) if w)
+
+
+def _crop_text(pre: PreprocessConfig) -> str:
+    if not pre.resize_size:
+        return f"{pre.crop_mode}, crop_pct={pre.crop_pct}"
+    resize = f"short side {pre.resize_size[0]}" if len(pre.resize_size) == 1 else _hw(pre.resize_size)
+    return f"resize to {resize}, then {pre.crop_mode} crop"
 
 
 def _hw(sizes: Any) -> str:

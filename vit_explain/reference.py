@@ -12,21 +12,23 @@ so it deliberately computes things the straightforward (slow) way:
 * rollout multiplies the full ``N x N`` matrices, discards per batch item (not item 0 only),
   normalises rows with ``keepdim`` and keeps no state between calls.
 
-The engine (``vit_explain.runtime.rollout``) computes only the class-token row instead, so the
-two share no maths code.
+The engine (``vit_explain.methods``) computes only the seed's row instead, so the two share no
+maths code but the seed's weights (:func:`~vit_explain.methods.chain.seed_weights_for`, which
+says which rows to read, not how to compute them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .eager import AttentionRecorder, reads_class_token
+from .families import FAMILIES, ModelFamily
+from .methods.chain import seed_weights_for
 
-__all__ = ["ReferenceOutputs", "TorchReference", "torch_rollout", "one_hot"]
+__all__ = ["ReferenceOutputs", "TorchReference", "torch_rollout", "torch_gae", "torch_attention", "read_seed", "one_hot"]
 
 
 @dataclass
@@ -53,6 +55,7 @@ def torch_rollout(
     discard_ratio: float,
     num_prefix_tokens: int,
     has_class_token: bool = True,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Rollout with the full ``N x N`` product, as the original tool did (defects fixed).
 
@@ -80,34 +83,68 @@ def torch_rollout(
             a = (fused + eye) / 2
             a = a / a.sum(dim=-1, keepdim=True)
             result = a @ result
-    if has_class_token:
-        row = result[:, 0, num_prefix_tokens:]
-    else:  # no class token: the mean of the patch tokens' rows
-        row = result[:, num_prefix_tokens:, num_prefix_tokens:].mean(dim=1)
-    return row.float()
+    return read_seed(result, num_prefix_tokens, has_class_token, seed_weights).float()
+
+
+def read_seed(
+    relevance: torch.Tensor, num_prefix_tokens: int, has_class_token: bool = True,
+    seed_weights: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """The seed's row of a full ``[B, N, N]`` relevance matrix over the patch tokens, the long
+    way: the weighted sum of the prefix tokens' rows and of the mean of the patch tokens' rows
+    (the class row alone, or the patch mean alone, without ``seed_weights``)."""
+    weights = seed_weights_for(num_prefix_tokens, has_class_token, seed_weights)
+    patches = relevance[:, :, num_prefix_tokens:]
+    terms = [weight * patches[:, token] for token, weight in enumerate(weights[:-1]) if weight]
+    if weights[-1]:
+        terms.append(weights[-1] * patches[:, num_prefix_tokens:].mean(dim=1))
+    return torch.stack(terms).sum(dim=0)
+
+
+def torch_gae(
+    attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor], num_prefix_tokens: int,
+    has_class_token: bool = True, seed_weights: tuple[float, ...] | None = None, start_layer: int = 0,
+) -> torch.Tensor:
+    """GAE (Chefer et al. 2021) the long way: ``R = I``, ``R <- R + mean_heads(max(G * A, 0)) @ R``
+    per layer from ``start_layer`` on; the seed's row of ``R`` over the patches, float64."""
+    batch, _, tokens, _ = attentions[0].shape
+    relevance = torch.eye(tokens, dtype=torch.float64).expand(batch, tokens, tokens).clone()
+    for attention, gradient in list(zip(attentions, gradients, strict=True))[start_layer:]:
+        cam = (attention.double() * gradient.double()).clamp(min=0).mean(dim=1)
+        relevance = relevance + cam @ relevance
+    return read_seed(relevance, num_prefix_tokens, has_class_token, seed_weights)
+
+
+def torch_attention(
+    attentions: Sequence[torch.Tensor], head_fusion: str, num_prefix_tokens: int,
+    has_class_token: bool = True, seed_weights: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """Last-layer attention, heads fused: the seed's row of it over the patches, float64."""
+    return read_seed(_fuse_heads(attentions[-1].double(), head_fusion), num_prefix_tokens, has_class_token, seed_weights)
 
 
 class TorchReference:
-    """Eager-model attentions, gradients and rollout masks for a timm Vision Transformer."""
+    """Eager-model attentions, gradients and rollout masks for a Vision Transformer of any
+    family (timm by default): its taps, token layout and seed come from the family's adapter."""
 
-    def __init__(self, model: nn.Module, pack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack) -> None:
-        """``pack``: how the layers' maps become one tensor, as the exported graph returns them
-        (stacked; a windowed family packs its differently shaped blocks per image)."""
+    def __init__(self, model: nn.Module, family: ModelFamily | None = None) -> None:
         self.model = model.eval()
-        self.pack = pack
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
-        self.has_class_token = reads_class_token(model)
-        self.grid_size = tuple(model.patch_embed.grid_size)
+        self.family = family or FAMILIES["timm"]
+        layout, reading = self.family.layout(model), self.family.head_reading(model)
+        self.num_prefix_tokens = layout.num_prefix_tokens
+        self.has_class_token = reading.has_class_token
+        self.seed_weights = reading.seed_weights
+        self.grid_size = tuple(layout.grid_size)
 
     def outputs(self, pixel_values: torch.Tensor, class_weights: torch.Tensor | None = None) -> ReferenceOutputs:
         """Logits and attentions, plus d(sum(logits * class_weights))/d(attention) when weights are given."""
         want_grad = class_weights is not None
-        with AttentionRecorder(self.model, capture_gradients=want_grad) as recorder:
+        with self.family.attention_recorder(self.model, capture_gradients=want_grad) as recorder:
             recorder.reset()
             if not want_grad:
                 with torch.no_grad():
                     logits = self.model(pixel_values)
-                return ReferenceOutputs(logits, self.pack(list(recorder.attentions)), None)
+                return ReferenceOutputs(logits, self.family.pack(self.model, list(recorder.attentions)), None)
             with torch.enable_grad():
                 pixels = pixel_values.detach().clone().requires_grad_(True)
                 logits = self.model(pixels)
@@ -115,9 +152,9 @@ class TorchReference:
                 self.model.zero_grad(set_to_none=True)
                 score.backward()
             layers = len(recorder.attentions)
-            gradients = self.pack([recorder.gradients[i] for i in range(layers)])
+            gradients = self.family.pack(self.model, [recorder.gradients[i] for i in range(layers)])
             return ReferenceOutputs(
-                logits.detach(), self.pack(list(recorder.attentions)).detach(), gradients.detach()
+                logits.detach(), self.family.pack(self.model, list(recorder.attentions)).detach(), gradients.detach()
             )
 
     def masks(
@@ -133,7 +170,7 @@ class TorchReference:
             out = self.outputs(pixel_values)
             row = torch_rollout(
                 list(out.attentions), None, head_fusion, discard_ratio,
-                self.num_prefix_tokens, self.has_class_token,
+                self.num_prefix_tokens, self.has_class_token, self.seed_weights,
             )
         elif method == "grad_rollout":
             if category_index is None:
@@ -142,7 +179,7 @@ class TorchReference:
             out = self.outputs(pixel_values, weights)
             row = torch_rollout(
                 list(out.attentions), list(out.gradients), head_fusion, discard_ratio,
-                self.num_prefix_tokens, self.has_class_token,
+                self.num_prefix_tokens, self.has_class_token, self.seed_weights,
             )
         else:
             raise ValueError(f"unknown method {method!r}")
@@ -151,10 +188,7 @@ class TorchReference:
         return row.reshape(row.shape[0], *self.grid_size)
 
     def num_outputs(self, pixel_values: torch.Tensor) -> int:
-        num = getattr(self.model, "num_classes", 0)
-        if num:
-            return int(num)
-        return int(self.model.num_features)
+        return int(self.family.outputs(self.model)[0])
 
 
 def one_hot(category_index: Sequence[int], batch: int, num_outputs: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WindowBlock", "WindowedLayout", "WindowLayoutError"]
+__all__ = ["WindowBlock", "WindowedLayout", "WindowLayoutError", "layout_of", "describe_windows"]
 
 
 class WindowLayoutError(ValueError):
@@ -160,3 +160,35 @@ class WindowedLayout:
         if blocks[0].stage != 0 or blocks[-1].stage != len(grids) - 1:
             raise WindowLayoutError("the blocks must start in stage 0 and end in the last stage")
         return cls(grids, tuple(blocks))
+
+
+def layout_of(meta: Any) -> WindowedLayout | None:
+    """The windowed layout of a model's metadata (its ``windows`` field), checked against the
+    rest of it (the first stage is the patch grid, one block per layer, no prefix tokens); None
+    for a model with global attention. A contradiction is one :class:`WindowLayoutError` line
+    naming the field (the runtime's file checks raise it as a ``MetadataError``)."""
+    if meta.windows is None:
+        return None
+    try:
+        layout = WindowedLayout.from_dict(meta.windows)
+        if meta.num_prefix_tokens != 0 or meta.has_class_token:
+            raise WindowLayoutError("a windowed model has no prefix tokens and no class token")
+        if layout.stage_grids[0] != tuple(meta.grid_size):
+            raise WindowLayoutError(f"the first stage {layout.stage_grids[0]} is not the patch grid {tuple(meta.grid_size)}")
+        if len(layout.blocks) != meta.num_layers:
+            raise WindowLayoutError(f"{len(layout.blocks)} blocks listed for {meta.num_layers} layers")
+    except WindowLayoutError as exc:
+        shown = repr(meta.windows)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise WindowLayoutError(f"metadata field 'windows' is inconsistent: {exc} (got {shown})") from None
+    return layout
+
+
+def describe_windows(windows: dict[str, Any] | None) -> dict[str, str]:
+    """``vit-explain info``'s lines for a windowed model (none for a ViT)."""
+    if windows is None:
+        return {}
+    try:
+        return WindowedLayout.from_dict(windows).describe()
+    except WindowLayoutError as exc:
+        return {"windowed stages": f"inconsistent ({exc})"}

@@ -89,6 +89,7 @@ def mask_comparison(
     discard_ratio: float,
     num_prefix_tokens: int,
     has_class_token: bool,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> MaskComparison:
     """How much the scaled rollout masks of tensors ``a`` and ``b`` may justifiably differ.
 
@@ -108,7 +109,7 @@ def mask_comparison(
         fused_maps(attentions_b, gradients_b, head_fusion),
         discard_ratio,
     )
-    layout = (discard_ratio, num_prefix_tokens, has_class_token)
+    layout = (discard_ratio, num_prefix_tokens, has_class_token, 0, seed_weights)
     peak_a = rollout_rows(attentions_a, gradients_a, head_fusion, *layout).max(axis=-1)
     peak = rollout_rows(attentions_b, gradients_b, head_fusion, *layout).max(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):

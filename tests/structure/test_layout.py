@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "vit_explain"
 #: The most lines a module may have (the README's rule of thumb, with a little slack).
 MAX_LINES = 360
 #: Subpackages that must never import torch, at load time or inside a function.
-TORCH_FREE = ("runtime", "methods", "graph", "outputs", "atomic", "discovery", "metadata", "errors")
+TORCH_FREE = ("runtime", "methods", "graph", "outputs", "atomic", "discovery", "metadata", "errors", "serve")
 
 
 def _module_name(path: Path) -> str:

@@ -35,6 +35,7 @@ from vit_explain.export.exporter import export_model  # noqa: E402
 from vit_explain.families import ModelSpec  # noqa: E402
 from vit_explain.metadata import METADATA_KEY  # noqa: E402
 from vit_explain.runtime import Explainer  # noqa: E402
+from vit_explain.windowing import layout_of  # noqa: E402
 
 TOLERANCE = 1e-5
 METHOD_CASES = [
@@ -73,7 +74,7 @@ def _relative(actual, expected) -> float:
 
 def test_the_file_describes_its_windows(exported):
     key, model, _, result, _ = exported
-    layout = result.metadata.window_layout
+    layout = layout_of(result.metadata)
     assert layout is not None and result.metadata.num_prefix_tokens == 0 and not result.metadata.has_class_token
     assert layout.stage_grids[0] == tuple(model.patch_embed.grid_size) == result.metadata.grid_size
     assert len(layout.blocks) == sum(len(stage.blocks) for stage in model.layers) == result.metadata.num_layers

@@ -1,9 +1,9 @@
-"""The ``vit-explain`` command line: export, explain, evaluate, info.
+"""The ``vit-explain`` command line: export, explain, evaluate, info, serve.
 
 Bad arguments are click usage errors (one line, exit code 2); anything vit-explain reports
 about models, images or exports is one ``Error:`` line with exit code 1; never a traceback.
 
-One module per command (``export``, ``info``, ``explain``, ``evaluate``), and ``common`` for
+One module per command (``export``, ``info``, ``explain``, ``evaluate``, ``serve``), and ``common`` for
 what they share; this module only builds the group. The command modules import no numpy,
 onnxruntime or torch until a command runs, so ``--help`` stays fast.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import evaluate, explain, export, info
+from . import evaluate, explain, export, info, serve
 from .common import progress_lines
 
 
@@ -53,3 +53,4 @@ main.add_command(export.export)
 main.add_command(info.info)
 main.add_command(explain.explain)
 main.add_command(evaluate.evaluate)
+main.add_command(serve.serve)

@@ -19,6 +19,7 @@ from ..errors import ExportError
 from ..families import ModelFamily, ModelSpec, family_for
 from ..graph import make_gradients_optional
 from ..metadata import METADATA_KEY, ModelMetadata
+from ..windowing import layout_of
 from .memory import (
     ModelShape,
     available_memory_bytes,
@@ -51,7 +52,7 @@ def default_output_path(spec: ModelSpec, models_dir: Path = Path("models")) -> P
         suffix += f"_random{spec.seed}"
     elif spec.weights != "pretrained":
         suffix += f"_{Path(spec.weights).stem}"
-    return models_dir / f"{spec.name}{suffix}.onnx"
+    return models_dir / f"{spec.file_stem}{suffix}.onnx"
 
 
 def describe_model(
@@ -75,6 +76,7 @@ def describe_model(
         num_prefix_tokens=layout.num_prefix_tokens,
         has_class_token=reading.has_class_token,
         pooling=reading.pooling,
+        seed_weights=reading.seed_weights,
         num_layers=num_layers,
         num_heads=num_heads,
         num_outputs=num_outputs,
@@ -92,7 +94,7 @@ def model_shape(model: nn.Module, spec: ModelSpec, metadata: ModelMetadata) -> M
     _, _, width = family_for(spec, model).depth(model)
     tensors = list(model.parameters()) + list(model.buffers())
     parameter_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    windows = metadata.window_layout  # windowed: the attention is the windows', not tokens^2
+    windows = layout_of(metadata)  # windowed: the attention is the windows', not tokens^2
     values = None if windows is None else windows.packed_values
     return ModelShape(metadata.num_layers, metadata.num_heads, tokens, width, parameter_bytes, values)
 
@@ -202,8 +204,7 @@ def export_model(
 
     _log.info("checking the graph against the eager model")
     parity = check_parity(
-        proto, model, metadata.preprocess.input_size, metadata.num_outputs, check_batch_size(shape),
-        pack=lambda maps: family.pack(model, maps),
+        proto, model, metadata.preprocess.input_size, metadata.num_outputs, check_batch_size(shape), family
     )
     if proto.ByteSize() > _PROTOBUF_LIMIT:
         raise ExportError("models over 2 GB (ONNX protobuf limit) are not supported yet")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ParityError
+from ..families import ModelFamily
 from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_COMPUTE_GRADIENTS, INPUT_PIXELS
 from ..reference import TorchReference
 
@@ -125,7 +126,7 @@ def check_parity(
     input_size: tuple[int, int, int],
     num_outputs: int,
     batch_size: int = PROBE_IMAGES,
-    pack=torch.stack,
+    family: ModelFamily | None = None,
 ) -> ParityReport:
     """Run the ONNX graph (onnxruntime, CPU) and the eager model on the same probe images, in
     pieces of ``batch_size`` images; raise when they differ.
@@ -134,7 +135,7 @@ def check_parity(
     halves the memory for models where that matters more.
     """
     pixels, weights = _probe_inputs(input_size, num_outputs)
-    reference = TorchReference(model, pack)  # the layers packed as the graph returns them
+    reference = TorchReference(model, family)
     session = _session(model_proto)
     errors = {name: _Error() for name in TOLERANCES}
     for piece_pixels, piece_weights in _pieces(pixels, weights, batch_size):

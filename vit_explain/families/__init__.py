@@ -9,17 +9,25 @@ one adapter class, registered in :data:`FAMILIES`; the exporter and the runtime 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from ..errors import ExportError
 from .base import HeadReading, ModelFamily, ModelSpec, TokenLayout
+from .hf_vit import HFTransformers
 from .timm_swin import SWIN, timm_family_for
 from .timm_vit import TimmViT
+from .torchvision_vit import TorchvisionViT
 
-__all__ = ["FAMILIES", "HeadReading", "ModelFamily", "ModelSpec", "TokenLayout", "build_model", "family_for"]
+__all__ = [
+    "FAMILIES", "HeadReading", "ModelFamily", "ModelSpec", "TokenLayout", "build_model", "family_for", "family_of_source",
+]
 
 #: Adapters by :attr:`ModelSpec.family`.
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (TimmViT(), SWIN)}
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family for family in (TimmViT(), SWIN, HFTransformers(), TorchvisionViT())
+}
 
 
 def family_for(spec: ModelSpec, model: nn.Module | None = None) -> ModelFamily:
@@ -32,6 +40,22 @@ def family_for(spec: ModelSpec, model: nn.Module | None = None) -> ModelFamily:
     if model is not None and spec.family == "timm":
         family = timm_family_for(model, family)
     return family
+
+
+def family_of_source(source: str) -> str:
+    """Which family a ``vit-explain export`` source names: ``hf:ID`` (a transformers model on the
+    Hub), ``torchvision:NAME``, a folder with a ``config.json`` (written by ``save_pretrained``),
+    else a timm model name. A folder without ``config.json`` is refused, not taken for a name."""
+    if source.startswith("hf:"):
+        return "hf"
+    if source.startswith("torchvision:"):
+        return "torchvision"
+    folder = Path(source)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ExportError(f"{source} is a folder without config.json: export a folder written by save_pretrained")
+        return "hf"
+    return "timm"
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

@@ -37,6 +37,14 @@ class ModelSpec:
     family: str = "timm"
 
     @property
+    def file_stem(self) -> str:
+        """The default file name's stem: the model name, or a folder's or Hub id's last part."""
+        if self.family == "timm":
+            return self.name
+        tail = self.name.split(":", 1)[1] if self.name.startswith(("hf:", "torchvision:")) else self.name
+        return Path(tail.rstrip("/")).name or Path(tail).resolve().name
+
+    @property
     def weights_label(self) -> str:
         if self.weights == "random":
             return f"random(seed={self.seed})"
@@ -64,10 +72,14 @@ class TokenLayout:
 @dataclass(frozen=True)
 class HeadReading:
     """How the head reads the tokens, which decides where rollout starts (the seed): from the class
-    token's row when the output is that token's final state, else from the mean of the patch rows."""
+    token's row when the output is that token's final state, else from the mean of the patch rows;
+    ``seed_weights`` for a head that reads several (one weight per prefix token, then the patch
+    mean: DeiT with teacher averages class and distillation rows, DINOv2's classifier reads
+    ``[CLS, mean of patches]``), see :class:`vit_explain.methods.chain.TokenLayout`."""
 
     pooling: str  # "token", or "avg"/"avgmax"/"max" over the patch tokens
     has_class_token: bool  # the head reads a class token (rollout seeds from its row)
+    seed_weights: tuple[float, ...] | None = None  # None: from has_class_token
 
 
 class ModelFamily(abc.ABC):

@@ -31,6 +31,8 @@ __all__ = [
     "LayerMaps",
     "TokenLayout",
     "Step",
+    "seed_weights_for",
+    "seed_row",
     "layers_shape",
     "layer_order",
     "propagate",
@@ -62,24 +64,56 @@ class LayerMaps:
 @dataclass(frozen=True)
 class TokenLayout:
     """Where the patch tokens sit: after ``num_prefix_tokens`` (class, distillation, register
-    tokens); and whether there is a class token to seed the chain with."""
+    tokens); and which row of the relevance matrix the head reads (the seed).
+
+    ``seed_weights``, when given, is one weight per prefix token plus a last one for the mean of
+    the patch tokens' rows (the metadata's ``seed_weights``): ``(0.5, 0.5, 0.0)`` is the average
+    of the class and distillation rows (DeiT with teacher), ``(0.5, 0.5)`` an even mix of the class
+    row and the patch mean (a head reading ``[CLS, mean of patches]``). ``None`` keeps the rule
+    files without the field follow: the class row when ``has_class_token``, else the patch mean.
+    """
 
     num_prefix_tokens: int
     has_class_token: bool = True
+    seed_weights: tuple[float, ...] | None = None
 
     def seed(self, batch: int, tokens: int) -> np.ndarray:
-        """The rows the chain starts from, ``[B, 1, N]`` float64: the class token's one-hot row,
-        or for a model without one the mean of the patch tokens' rows (what its head averages)."""
-        rows = np.zeros((batch, 1, tokens), dtype=np.float64)
-        if self.has_class_token:
-            rows[:, 0, 0] = 1.0
-        else:
-            rows[:, 0, self.num_prefix_tokens:] = 1.0 / (tokens - self.num_prefix_tokens)
-        return rows
+        """The rows the chain starts from, ``[B, 1, N]`` float64 (see :func:`seed_row`)."""
+        row = seed_row(tokens, self.num_prefix_tokens, self.has_class_token, self.seed_weights)
+        return np.broadcast_to(row, (batch, 1, tokens)).copy()
 
     def patches(self, rows: np.ndarray) -> np.ndarray:
         """``[B, 1, N]`` -> the patch tokens' relevance ``[B, num_patches]``."""
         return rows[:, 0, self.num_prefix_tokens:]
+
+
+def seed_weights_for(
+    num_prefix_tokens: int, has_class_token: bool, seed_weights: tuple[float, ...] | None = None
+) -> tuple[float, ...]:
+    """The seed as weights: one per prefix token, then one for the mean of the patch rows.
+    Without explicit ``seed_weights``: the class token alone, or the patch mean alone."""
+    if seed_weights is not None:
+        if len(seed_weights) != num_prefix_tokens + 1:
+            raise ValueError(
+                f"seed_weights needs {num_prefix_tokens + 1} values (one per prefix token, then the patch mean), "
+                f"got {len(seed_weights)}"
+            )
+        return tuple(float(w) for w in seed_weights)
+    weights = [0.0] * (num_prefix_tokens + 1)
+    weights[0 if has_class_token else -1] = 1.0
+    return tuple(weights)
+
+
+def seed_row(
+    tokens: int, num_prefix_tokens: int, has_class_token: bool = True, seed_weights: tuple[float, ...] | None = None
+) -> np.ndarray:
+    """The seed as one token row ``[N]`` float64: each prefix token's weight at its own place,
+    the patch-mean weight spread evenly over the patch tokens (the mean of their rows)."""
+    weights = seed_weights_for(num_prefix_tokens, has_class_token, seed_weights)
+    row = np.zeros(tokens, dtype=np.float64)
+    row[:num_prefix_tokens] = weights[:num_prefix_tokens]
+    row[num_prefix_tokens:] = weights[-1] / (tokens - num_prefix_tokens)
+    return row
 
 
 def layers_shape(attentions: Layers, gradients: Layers | None) -> tuple[int, int, int]:

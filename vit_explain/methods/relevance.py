@@ -21,8 +21,9 @@ the class row is ``e_cls @ (I + Abar_L) @ ... @ (I + Abar_1)``: again last layer
 patches. A baseline with no propagation through layers.
 
 ``start_layer = K`` (rollout, grad_rollout, gae) leaves out the first ``K`` layers: the chain
-runs over layers ``K .. L-1`` only (Chefer et al.'s ``start_layer``). For a model without a
-class token, the seed is the mean of the patch tokens' rows.
+runs over layers ``K .. L-1`` only (Chefer et al.'s ``start_layer``). The seed (the row read) is
+the layout's (:meth:`.chain.TokenLayout.seed`): the class token's, the mean of the patch tokens'
+rows for a model without one, or a weighted mix of prefix rows and the patch mean.
 
 The four functions at the end (:func:`rollout`, :func:`grad_rollout`, :func:`gae`,
 :func:`attention`) are what the registry points at: one signature, raw or graph-fused maps.
@@ -73,13 +74,14 @@ def rollout_rows(
     num_prefix_tokens: int,
     has_class_token: bool = True,
     start_layer: int = 0,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """The rolled-out relevance of each patch token, ``[B, num_patches]`` (unscaled, float64).
 
     ``attentions`` (and ``gradients`` for gradient rollout) are ``[L, B, heads, N, N]``.
     """
     layers, batch, tokens = layers_shape(attentions, gradients)
-    layout = TokenLayout(num_prefix_tokens, has_class_token)
+    layout = TokenLayout(num_prefix_tokens, has_class_token, seed_weights)
     order = layer_order(layers, start_layer)
     if gradients is None:
         maps = (fused_discarded(attentions[layer], head_fusion, discard_ratio) for layer in order)
@@ -97,13 +99,14 @@ def rollout_rows_from_fused(
     num_prefix_tokens: int,
     has_class_token: bool = True,
     start_layer: int = 0,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """:func:`rollout_rows` from maps already fused by the graph (:mod:`vit_explain.graph`):
     ``[L, B, N, N]``, the heads fused (and for gradient rollout weighted and clamped). Float32
     maps (max/min fusion) are discarded in float32, as :func:`rollout_rows` does; the input is
     not modified."""
     layers, batch, tokens, _ = fused_maps.shape
-    layout = TokenLayout(num_prefix_tokens, has_class_token)
+    layout = TokenLayout(num_prefix_tokens, has_class_token, seed_weights)
     maps = (
         discard_lowest(fused_maps[layer].copy(), discard_ratio).astype(np.float64, copy=False)
         for layer in layer_order(layers, start_layer)
@@ -117,6 +120,7 @@ def gae_rows(
     num_prefix_tokens: int,
     has_class_token: bool = True,
     start_layer: int = 0,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Generic Attention Explainability (Chefer et al. 2021): ``[B, num_patches]``, unscaled float64.
 
@@ -126,7 +130,7 @@ def gae_rows(
     if gradients is None:
         raise ValueError("gae needs the attention gradients")
     layers, batch, tokens = layers_shape(attentions, gradients)
-    layout = TokenLayout(num_prefix_tokens, has_class_token)
+    layout = TokenLayout(num_prefix_tokens, has_class_token, seed_weights)
     # Forward recurrence R_l = R_{l-1} + Abar_l R_{l-1} = (I + Abar_l) R_{l-1}, so the first
     # factor applied to the row vector is the last layer's.
     maps = (
@@ -137,11 +141,15 @@ def gae_rows(
 
 
 def gae_rows_from_fused(
-    fused_maps: np.ndarray, num_prefix_tokens: int, has_class_token: bool = True, start_layer: int = 0
+    fused_maps: np.ndarray,
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+    start_layer: int = 0,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """:func:`gae_rows` from ``Abar_l`` already computed by the graph: ``[L, B, N, N]`` float64."""
     layers, batch, tokens, _ = fused_maps.shape
-    layout = TokenLayout(num_prefix_tokens, has_class_token)
+    layout = TokenLayout(num_prefix_tokens, has_class_token, seed_weights)
     maps = (fused_maps[layer] for layer in layer_order(layers, start_layer))
     return layout.patches(propagate(layout.seed(batch, tokens), map(residual_step, maps)))
 
@@ -151,10 +159,11 @@ def attention_rows(
     head_fusion: str,
     num_prefix_tokens: int,
     has_class_token: bool = True,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """The last layer's attention from the class token to each patch, heads fused: ``[B, num_patches]``."""
     _, batch, tokens = layers_shape(attentions, None)
-    layout = TokenLayout(num_prefix_tokens, has_class_token)
+    layout = TokenLayout(num_prefix_tokens, has_class_token, seed_weights)
     fused = fuse_heads(attentions[-1].astype(np.float64), head_fusion)
     return layout.patches(propagate(layout.seed(batch, tokens), [linear_step(fused)]))
 
@@ -168,6 +177,7 @@ def rollout_masks(
     grid_size: tuple[int, int],
     has_class_token: bool = True,
     start_layer: int = 0,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Masks ``[B, grid_h, grid_w]`` float32, each scaled to max 1."""
     rows = rollout_rows(
@@ -183,6 +193,7 @@ def gae_masks(
     grid_size: tuple[int, int],
     has_class_token: bool = True,
     start_layer: int = 0,
+    seed_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """GAE masks ``[B, grid_h, grid_w]`` float32, each scaled to max 1."""
     return rows_to_masks(gae_rows(attentions, gradients, num_prefix_tokens, has_class_token, start_layer), grid_size)
@@ -201,11 +212,11 @@ def attention_masks(
 
 # -- the registry's entry points: (maps, settings, layout) -> unscaled rows [B, num_patches] --
 def rollout(maps: LayerMaps, settings: Settings, layout: TokenLayout) -> np.ndarray:
-    prefix, has_cls = layout.num_prefix_tokens, layout.has_class_token
+    prefix, has_cls, seed = layout.num_prefix_tokens, layout.has_class_token, layout.seed_weights
     if maps.fused is not None:
-        return rollout_rows_from_fused(maps.fused, settings.discard_ratio, prefix, has_cls, settings.start_layer)
+        return rollout_rows_from_fused(maps.fused, settings.discard_ratio, prefix, has_cls, settings.start_layer, seed)
     return rollout_rows(
-        maps.attentions, None, settings.head_fusion, settings.discard_ratio, prefix, has_cls, settings.start_layer
+        maps.attentions, None, settings.head_fusion, settings.discard_ratio, prefix, has_cls, settings.start_layer, seed
     )
 
 
@@ -216,18 +227,20 @@ def grad_rollout(maps: LayerMaps, settings: Settings, layout: TokenLayout) -> np
         raise ValueError("grad_rollout needs the attention gradients")
     return rollout_rows(
         maps.attentions, maps.gradients, settings.head_fusion, settings.discard_ratio,
-        layout.num_prefix_tokens, layout.has_class_token, settings.start_layer,
+        layout.num_prefix_tokens, layout.has_class_token, settings.start_layer, layout.seed_weights,
     )
 
 
 def gae(maps: LayerMaps, settings: Settings, layout: TokenLayout) -> np.ndarray:
-    prefix, has_cls = layout.num_prefix_tokens, layout.has_class_token
+    prefix, has_cls, seed = layout.num_prefix_tokens, layout.has_class_token, layout.seed_weights
     if maps.fused is not None:
-        return gae_rows_from_fused(maps.fused, prefix, has_cls, settings.start_layer)
-    return gae_rows(maps.attentions, maps.gradients, prefix, has_cls, settings.start_layer)
+        return gae_rows_from_fused(maps.fused, prefix, has_cls, settings.start_layer, seed)
+    return gae_rows(maps.attentions, maps.gradients, prefix, has_cls, settings.start_layer, seed)
 
 
 def attention(maps: LayerMaps, settings: Settings, layout: TokenLayout) -> np.ndarray:
     if maps.attentions is None:
         raise ValueError("attention reads the raw last-layer attention, not graph-fused maps")
-    return attention_rows(maps.attentions, settings.head_fusion, layout.num_prefix_tokens, layout.has_class_token)
+    return attention_rows(
+        maps.attentions, settings.head_fusion, layout.num_prefix_tokens, layout.has_class_token, layout.seed_weights
+    )

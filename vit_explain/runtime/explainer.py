@@ -121,7 +121,9 @@ class Explainer:
         # its layout (stages, windows, shifts) goes to the methods' windowed maths.
         self.windowed = self.metadata.windows is not None
         self.fuse_in_graph = self.fuse_in_graph and not self.windowed
-        self.layout = self.metadata.window_layout or TokenLayout(self.metadata.num_prefix_tokens, self.metadata.has_class_token)
+        self.layout = self.session.window_layout or TokenLayout(
+            self.metadata.num_prefix_tokens, self.metadata.has_class_token, self.metadata.seed_weights
+        )
 
     @property
     def workers(self) -> int:

@@ -19,14 +19,20 @@ Only Pillow and numpy are used: the runtime must not import torch.
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from vit_explain.errors import ImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "BACKGROUND", "NOTICE_KEY", "SMALL_INPUT_FACTOR", "input_notices", "load_image", "is_image_file", "to_rgb"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "BACKGROUND", "NOTICE_KEY", "SMALL_INPUT_FACTOR", "input_notices", "load_image", "load_image_bytes",
+    "is_image_file", "to_rgb",
+]
 
 #: Largest image (width * height) accepted by default: Pillow's own hard limit
 #: (twice ``Image.MAX_IMAGE_PIXELS``), so a 100-megapixel photo still loads.
@@ -135,14 +141,26 @@ def load_image(
     return _load_path(os.fspath(source), max_pixels, target_size)
 
 
+def load_image_bytes(data: bytes, label: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for an image held in memory (a request body): the same checks, the same
+    decode and conversion, the same one-line :class:`ImageError` naming ``label``."""
+    return _load(lambda: io.BytesIO(data), label, max_pixels, None)
+
+
 def _load_path(path: str, max_pixels: int | None, target_size: tuple[int, int] | None) -> Image.Image:
-    """Open, check, fully decode and convert a file; every failure becomes an ImageError."""
+    return _load(lambda: open(path, "rb"), path, max_pixels, target_size)
+
+
+def _load(opener: Callable[[], BinaryIO], label: str, max_pixels: int | None,
+          target_size: tuple[int, int] | None) -> Image.Image:
+    """Open, check, fully decode and convert; every failure becomes an ImageError naming ``label``."""
     try:
-        with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
-                raise ImageError(f"cannot read image {path}: the file is empty")
+        with opener() as fh:
+            if fh.seek(0, os.SEEK_END) == 0:
+                raise ImageError(f"cannot read image {label}: the file is empty")
+            fh.seek(0)
             with Image.open(fh, formats=_allowed_formats()) as img:
-                _check_size(img, path, max_pixels)
+                _check_size(img, label, max_pixels)
                 if target_size is not None and img.format == "JPEG":
                     side = max(1, int(max(target_size)))
                     img.draft(None, (side, side))
@@ -155,20 +173,20 @@ def _load_path(path: str, max_pixels: int | None, target_size: tuple[int, int] |
     except ImageError:
         raise
     except FileNotFoundError as exc:
-        raise ImageError(f"cannot read image {path}: no such file") from exc
+        raise ImageError(f"cannot read image {label}: no such file") from exc
     except IsADirectoryError as exc:
-        raise ImageError(f"cannot read image {path}: it is a directory") from exc
+        raise ImageError(f"cannot read image {label}: it is a directory") from exc
     except PermissionError as exc:
-        raise ImageError(f"cannot read image {path}: permission denied") from exc
+        raise ImageError(f"cannot read image {label}: permission denied") from exc
     except Image.UnidentifiedImageError as exc:
-        hint = _PLUGIN_HINTS.get(os.path.splitext(path)[1].lower(), "")
-        raise ImageError(f"cannot read image {path}: not an image, or a format Pillow cannot read{hint}") from exc
+        hint = _PLUGIN_HINTS.get(os.path.splitext(label)[1].lower(), "")
+        raise ImageError(f"cannot read image {label}: not an image, or a format Pillow cannot read{hint}") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"cannot read image {path}: refused, {_one_line(exc)}") from exc
+        raise ImageError(f"cannot read image {label}: refused, {_one_line(exc)}") from exc
     except MemoryError as exc:
-        raise ImageError(f"cannot read image {path}: out of memory while decoding it") from exc
+        raise ImageError(f"cannot read image {label}: out of memory while decoding it") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
-        raise ImageError(f"cannot read image {path}: {_one_line(exc)}") from exc
+        raise ImageError(f"cannot read image {label}: {_one_line(exc)}") from exc
 
 
 def input_notices(image: Image.Image, model_size: tuple[int, int]) -> list[str]:

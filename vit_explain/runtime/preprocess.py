@@ -19,6 +19,10 @@ arithmetic of timm / torchvision *including its rounding quirks*:
   surplus of 5 gives offset 2, a surplus of 3 gives 2); when the image is smaller, it is
   padded by ``(crop - size) // 2`` before and the rest after (zeros for ``center`` and
   ``squash``).
+* an explicit ``resize_size`` (Hugging Face and torchvision processors) replaces the resize
+  step: one value is the short side (``Resize(int)`` / ``shortest_edge``, as ``center``), two
+  an exact ``height x width`` (a non-square photo is stretched); the centre crop follows.
+* ``center_floor``: as ``center``, but the crop offset is Hugging Face's ``(size - crop) // 2``.
 * ``ToTensor`` + ``Normalize`` are ``(x / 255 - mean) / std`` in float32.
 
 Everything after the resize is vectorised numpy; the output matches timm bit for bit.
@@ -56,7 +60,7 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
-CROP_MODES = ("center", "squash", "border")
+CROP_MODES = ("center", "squash", "border", "center_floor")
 
 #: timm's ``DEFAULT_CROP_PCT``, used when the config's crop_pct is 0 / missing.
 _DEFAULT_CROP_PCT = 0.875
@@ -144,7 +148,12 @@ def _keep_ratio_resize(h: int, w: int, target: tuple[int, int], longest: float) 
 
 
 def _resized_hw(h: int, w: int, cfg: PreprocessConfig) -> tuple[int, int]:
-    """Size after timm's resize step for this crop mode."""
+    """Size after the resize step: the config's explicit ``resize_size`` (short side, or exact
+    height x width), else timm's for this crop mode."""
+    if len(cfg.resize_size) == 2:
+        return (int(cfg.resize_size[0]), int(cfg.resize_size[1]))
+    if len(cfg.resize_size) == 1:
+        return _short_side_resize(h, w, int(cfg.resize_size[0]))
     target = scale_size(cfg)
     mode = _crop_mode(cfg)
     if mode == "squash":
@@ -156,8 +165,12 @@ def _resized_hw(h: int, w: int, cfg: PreprocessConfig) -> tuple[int, int]:
     return _keep_ratio_resize(h, w, target, longest=0.0)
 
 
-def _crop_start(size: int, crop: int) -> int:
-    """torchvision ``center_crop`` offset along one axis; negative means padding before."""
+def _crop_start(size: int, crop: int, mode: str = "center") -> int:
+    """torchvision ``center_crop`` offset along one axis; negative means padding before.
+    ``center_floor``: Hugging Face's ``(size - crop) // 2`` (an odd surplus leaves the extra
+    pixel on the right / bottom, where torchvision's half-to-even rounding may not)."""
+    if mode == "center_floor":
+        return (size - crop) // 2
     if crop > size:
         return -((crop - size) // 2)
     return int(round((size - crop) / 2.0))
@@ -182,8 +195,8 @@ def resize_geometry(orig_w: int, orig_h: int, cfg: PreprocessConfig) -> Geometry
     return Geometry(
         original_size=(orig_w, orig_h),
         resized_size=(rw, rh),
-        crop_left=_crop_start(rw, cfg.width),
-        crop_top=_crop_start(rh, cfg.height),
+        crop_left=_crop_start(rw, cfg.width, _crop_mode(cfg)),
+        crop_top=_crop_start(rh, cfg.height, _crop_mode(cfg)),
         output_size=(cfg.width, cfg.height),
         fill=_fill(cfg),
     )

@@ -31,6 +31,7 @@ from ..metadata import (
 )
 from ..methods.registry import get_method
 from ..methods.windowed import unpack
+from ..windowing import layout_of
 from .file_checks import check_external_data, check_graph_shapes
 
 __all__ = [
@@ -115,6 +116,7 @@ class ModelSession:
         except MetadataError as exc:
             raise MetadataError(f"{self.path}: {exc}") from None
         forward_only(model)  # refuses a file whose forward half reads the class weights, now
+        self.window_layout = layout_of(self.metadata)  # a windowed model's (Swin), checked above
         del model
         self._sessions: dict[tuple[SessionKind, bool], ort.InferenceSession] = {}
         #: Per session kind, the output names of each stacked output's layers (None: kept stacked).
@@ -281,8 +283,7 @@ class ModelSession:
     def _layers_of(self, stacked: np.ndarray) -> list[np.ndarray]:
         """A stacked output's layers: ``[L, B, ...]`` split on its first axis or, for a windowed
         model, the packed ``[B, values]`` split into its blocks (:func:`~vit_explain.methods.windowed.unpack`)."""
-        layout = self.metadata.window_layout
-        return list(stacked) if layout is None else unpack(stacked, layout)
+        return list(stacked) if self.window_layout is None else unpack(stacked, self.window_layout)
 
     def run(
         self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
