@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelFileError
+from .windowing import describe_windows
 
 __all__ = [
     "FORMAT_VERSION",
@@ -179,6 +180,8 @@ class ModelMetadata:
     seed_weights: tuple[float, ...] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # Windowed, hierarchical models (Swin): :func:`vit_explain.windowing.layout_of`; None for a ViT.
+    windows: dict[str, Any] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -307,9 +310,10 @@ class ModelMetadata:
             "patch grid": f"{self.grid_size[0]}x{self.grid_size[1]}",
             "prefix tokens": self.num_prefix_tokens,
             "pooling": self.pooling,
-            "rollout reads": self.seed_text(),
+            "rollout reads": "mean of the last stage's tokens" if self.windows is not None else self.seed_text(),
             "layers": self.num_layers,
             "heads": self.num_heads,
+            **describe_windows(self.windows),
             "outputs": f"{self.num_outputs} {'classes' if self.output_kind == 'logits' else 'features'}",
             "opset": self.opset,
             "format version": self.format_version,

@@ -144,7 +144,7 @@ class TorchReference:
             if not want_grad:
                 with torch.no_grad():
                     logits = self.model(pixel_values)
-                return ReferenceOutputs(logits, torch.stack(recorder.attentions), None)
+                return ReferenceOutputs(logits, self.family.pack(self.model, list(recorder.attentions)), None)
             with torch.enable_grad():
                 pixels = pixel_values.detach().clone().requires_grad_(True)
                 logits = self.model(pixels)
@@ -152,9 +152,9 @@ class TorchReference:
                 self.model.zero_grad(set_to_none=True)
                 score.backward()
             layers = len(recorder.attentions)
-            gradients = torch.stack([recorder.gradients[i] for i in range(layers)])
+            gradients = self.family.pack(self.model, [recorder.gradients[i] for i in range(layers)])
             return ReferenceOutputs(
-                logits.detach(), torch.stack(recorder.attentions).detach(), gradients.detach()
+                logits.detach(), self.family.pack(self.model, list(recorder.attentions)).detach(), gradients.detach()
             )
 
     def masks(

@@ -107,7 +107,7 @@ def randomize_untrained_parameters(model: nn.Module, seed: int, head_gain: float
                 parameter.copy_(noise(parameter, 0.5))
             elif leaf in ("gamma", "gamma_1", "gamma_2"):  # layer scale (timm LayerScale, BEiT)
                 parameter.copy_(0.5 + 0.5 * torch.rand(parameter.shape, generator=generator))
-            elif name in ("head.weight", "head_dist.weight"):
+            elif name in ("head.weight", "head_dist.weight", "head.fc.weight"):  # head.fc: Swin
                 parameter.copy_(noise(parameter, head_gain / parameter.shape[1] ** 0.5))
             elif leaf.endswith("bias"):  # bias, q_bias, v_bias
                 parameter.add_(noise(parameter, 0.05))

@@ -19,6 +19,7 @@ from ..errors import ExportError
 from ..families import ModelFamily, ModelSpec, family_for
 from ..graph import make_gradients_optional
 from ..metadata import METADATA_KEY, ModelMetadata
+from ..windowing import layout_of
 from .memory import (
     ModelShape,
     available_memory_bytes,
@@ -60,7 +61,7 @@ def describe_model(
 ) -> ModelMetadata:
     """The metadata of ``model``, from its family's answers (layout, seed, outputs, preprocessing),
     after the family has refused what cannot be explained."""
-    family = family_for(spec)
+    family = family_for(spec, model)
     family.check(model)
     layout = family.layout(model)
     reading = family.head_reading(model)
@@ -84,16 +85,19 @@ def describe_model(
         opset=opset,
         package_version=__version__,
         class_names=family.class_names(model, num_outputs, class_names_file) if output_kind == "logits" else (),
+        windows=family.windows(model),
     )
 
 
 def model_shape(model: nn.Module, spec: ModelSpec, metadata: ModelMetadata) -> ModelShape:
     """The sizes the export's memory depends on, read from the built model."""
     tokens = metadata.grid_size[0] * metadata.grid_size[1] + metadata.num_prefix_tokens
-    _, _, width = family_for(spec).depth(model)
+    _, _, width = family_for(spec, model).depth(model)
     tensors = list(model.parameters()) + list(model.buffers())
     parameter_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    return ModelShape(metadata.num_layers, metadata.num_heads, tokens, width, parameter_bytes)
+    windows = layout_of(metadata)  # windowed: the attention is the windows', not tokens^2
+    values = None if windows is None else windows.packed_values
+    return ModelShape(metadata.num_layers, metadata.num_heads, tokens, width, parameter_bytes, values)
 
 
 def export_command(spec: ModelSpec, output: Path | None, class_names_file: Path | None, opset: int) -> str:
@@ -124,7 +128,9 @@ def _smaller_size_that_fits(metadata: ModelMetadata, shape: ModelShape, availabl
     for rows in range(grid_h - 1, 0, -1):
         columns = max(1, round(rows * grid_w / grid_h))
         tokens = rows * columns + metadata.num_prefix_tokens
-        if estimate_export_bytes(replace(shape, tokens=tokens)) <= available:
+        values = shape.attention_values  # windowed: linear in the tokens
+        values = None if values is None else values * tokens // shape.tokens
+        if estimate_export_bytes(replace(shape, tokens=tokens, attention_values=values)) <= available:
             return rows * patch_h, columns * patch_w
     return None
 
@@ -191,6 +197,7 @@ def export_model(
         _log.info("loading %s (%s)", spec.name, spec.weights_label)
         model = family.build(spec)
     model = model.eval()
+    family = family_for(spec, model)
     metadata = describe_model(model, spec, class_names_file, opset)
     shape = model_shape(model, spec, metadata)
     _refuse_when_too_big(spec, metadata, shape, output, class_names_file, opset)

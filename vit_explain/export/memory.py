@@ -48,10 +48,15 @@ class ModelShape:
     tokens: int  # prefix + patch tokens
     width: int
     parameter_bytes: int
+    #: Attention values per image over all layers, where it is not ``layers x heads x tokens^2``
+    #: (a windowed model: each block's windows only).
+    attention_values: int | None = None
 
 
 def attention_bytes(shape: ModelShape, images: int = 1) -> int:
     """Bytes of every layer's attention probabilities (or their gradients) for ``images`` images."""
+    if shape.attention_values is not None:
+        return images * shape.attention_values * _FLOAT
     return shape.layers * images * shape.heads * shape.tokens**2 * _FLOAT
 
 

@@ -51,7 +51,7 @@ def _explain_function(model: nn.Module, recorder: AttentionRecorder, family: Mod
             attentions = list(recorder.attentions)
             score = family.score(logits, class_weights)
             gradients = torch.autograd.grad(score, attentions)
-        return logits, torch.stack(attentions), torch.stack(gradients)
+        return logits, family.pack(model, attentions), family.pack(model, list(gradients))
 
     return explain
 

@@ -134,6 +134,17 @@ class ModelFamily(abc.ABC):
         a one-hot weight picking a logit (or a unit vector, a feature direction)."""
         return (outputs * class_weights).sum()
 
+    def windows(self, model: nn.Module) -> dict | None:
+        """A windowed, hierarchical model's layout (:class:`~vit_explain.windowing.WindowedLayout`
+        as JSON) for the metadata; None (the default) for global attention over one token grid."""
+        return None
+
+    def pack(self, model: nn.Module, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The per-layer attentions (or gradients) as the graph's one output: stacked
+        ``[L, B, heads, N, N]`` by default; a family whose layers differ in shape packs them
+        its own way (and says how in :meth:`windows`)."""
+        return torch.stack(maps)
+
     @contextlib.contextmanager
     def traced(self, model: nn.Module, example_pixels: torch.Tensor) -> Iterator[bool]:
         """Around tracing: a family may rewrite the model so the graph does less work for the

@@ -44,6 +44,14 @@ def _batch_size_from_pixels(graph: onnx.GraphProto, forward_nodes: set[int]) -> 
         node.input[0] = INPUT_PIXELS
 
 
+def _gradient_dims(graph: onnx.GraphProto) -> list[str]:
+    """The gradient output's dims, named: ``[L, B, heads, N, N]``, or a windowed model's packed
+    ``[B, values]`` (the rank of the attentions output, which the gradients share)."""
+    attentions = next((o for o in graph.output if o.name == OUTPUT_ATTENTIONS), None)
+    rank = len(attentions.type.tensor_type.shape.dim) if attentions is not None else len(_GRADIENT_DIMS)
+    return ["batch", "values"] if rank == 2 else _GRADIENT_DIMS
+
+
 def make_gradients_optional(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a copy of ``model`` whose gradient output is computed only when asked for."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -64,14 +72,15 @@ def make_gradients_optional(model: onnx.ModelProto) -> onnx.ModelProto:
     then_value_info = [vi for vi in graph.value_info if vi.name in backward_values]
     outer_value_info = [vi for vi in graph.value_info if vi.name not in backward_values]
 
-    dynamic = helper.make_tensor_value_info(inner_name, TensorProto.FLOAT, _GRADIENT_DIMS)
+    dims = _gradient_dims(graph)
+    dynamic = helper.make_tensor_value_info(inner_name, TensorProto.FLOAT, dims)
     then_branch = helper.make_graph(backward, "attention_gradients", [], [dynamic], value_info=then_value_info)
-    empty = helper.make_tensor("no_gradients", TensorProto.FLOAT, [0, 0, 0, 0, 0], [])
+    empty = helper.make_tensor("no_gradients", TensorProto.FLOAT, [0] * len(dims), [])
     else_branch = helper.make_graph(
         [helper.make_node("Constant", [], ["no_gradients"], value=empty)],
         "no_attention_gradients",
         [],
-        [helper.make_tensor_value_info("no_gradients", TensorProto.FLOAT, _GRADIENT_DIMS)],
+        [helper.make_tensor_value_info("no_gradients", TensorProto.FLOAT, dims)],
     )
     branch = helper.make_node(
         "If", [INPUT_COMPUTE_GRADIENTS], [OUTPUT_GRADIENTS], name="optional_backward",
@@ -85,6 +94,6 @@ def make_gradients_optional(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.input.append(helper.make_tensor_value_info(INPUT_COMPUTE_GRADIENTS, TensorProto.BOOL, []))
     for output in graph.output:
         if output.name == OUTPUT_GRADIENTS:
-            output.CopyFrom(helper.make_tensor_value_info(OUTPUT_GRADIENTS, TensorProto.FLOAT, _GRADIENT_DIMS))
+            output.CopyFrom(helper.make_tensor_value_info(OUTPUT_GRADIENTS, TensorProto.FLOAT, dims))
     onnx.checker.check_model(model)
     return model

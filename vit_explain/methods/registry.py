@@ -58,6 +58,8 @@ class Method(NamedTuple):
     fusable_in_graph: bool  # the graph can hand it one head-fused map per layer (graph variants)
     why_unused: str | None  # why it refuses the settings it does not use (said in the error)
     maths: str  # "module:function" under vit_explain.methods: (LayerMaps, Settings, TokenLayout) -> rows
+    #: The same for a windowed, hierarchical layout (Swin: :mod:`.windowed`); None where there is none.
+    windowed_maths: str | None = None
 
     @property
     def needs_gradients(self) -> bool:
@@ -83,7 +85,20 @@ class Method(NamedTuple):
     def relevance(self) -> Callable[[LayerMaps, Settings, TokenLayout], np.ndarray]:
         """The maths: the graph's per-layer maps -> unscaled patch relevance ``[B, patches]``.
         Imported here, on first use, so that reading the registry never imports numpy."""
-        module, function = self.maths.split(":")
+        return self._import(self.maths)
+
+    def relevance_for(self, windowed: bool) -> Callable:
+        """The maths for a model's layout: :attr:`relevance`, or for a windowed layout
+        (``metadata.windows``) :attr:`windowed_maths`, which takes a ``WindowedLayout``."""
+        if not windowed:
+            return self.relevance
+        if self.windowed_maths is None:
+            raise ValueError(f"{self.name} has no maths for windowed models")
+        return self._import(self.windowed_maths)
+
+    @staticmethod
+    def _import(maths: str) -> Callable:
+        module, function = maths.split(":")
         return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
 
@@ -94,27 +109,27 @@ METHODS: Mapping[str, Method] = MappingProxyType({
             "rollout", "attention rollout (Abnar & Zuidema 2020): every layer's fused attention, chained",
             class_specific=False, head_fusions=HEAD_FUSIONS, default_head_fusion="max",
             default_discard_ratio=DEFAULT_DISCARD_RATIO, uses_start_layer=True, fusable_in_graph=True,
-            why_unused=None, maths="relevance:rollout",
+            why_unused=None, maths="relevance:rollout", windowed_maths="windowed:rollout",
         ),
         Method(
             "grad_rollout", "gradient rollout: attention x its gradient for one class, clamped at 0, chained",
             class_specific=True, head_fusions=HEAD_FUSIONS, default_head_fusion="mean",
             default_discard_ratio=DEFAULT_DISCARD_RATIO, uses_start_layer=True, fusable_in_graph=True,
-            why_unused=None, maths="relevance:grad_rollout",
+            why_unused=None, maths="relevance:grad_rollout", windowed_maths="windowed:grad_rollout",
         ),
         Method(
             "gae", "GAE (Chefer et al. 2021): the positive part of gradient x attention, averaged over heads, chained",
             class_specific=True, head_fusions=(), default_head_fusion=None,
             default_discard_ratio=None, uses_start_layer=True, fusable_in_graph=True,
             why_unused="GAE averages the positive part of gradient x attention over the heads and discards nothing",
-            maths="relevance:gae",
+            maths="relevance:gae", windowed_maths="windowed:gae",
         ),
         Method(
             "attention", "the last layer's attention from the class token, heads fused: no propagation",
             class_specific=False, head_fusions=HEAD_FUSIONS, default_head_fusion="mean",
             default_discard_ratio=None, uses_start_layer=False, fusable_in_graph=False,
             why_unused="last-layer attention reads the last layer alone, with nothing discarded",
-            maths="relevance:attention",
+            maths="relevance:attention", windowed_maths="windowed:attention",
         ),
     )
 })

@@ -109,8 +109,11 @@ def _select_in_row(row: np.ndarray, index: int):
     return np.partition(row, index)[index] if np.isnan(row).any() else _select(row, index)
 
 
-def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
+def discard_lowest(fused: np.ndarray, discard_ratio: float, spare_first: bool = True) -> np.ndarray:
     """Zero, per image, the lowest ``int(N*N*discard_ratio)`` entries, sparing flat index 0. In place.
+
+    ``spare_first=False``: nothing is spared (a windowed model's candidates, which have no class
+    token, :mod:`.windowed`).
 
     As the original tool: the lowest ``count`` entries are chosen first, and the class token's
     attention to itself is then left alone if it is among them. The cut (the ``count``-th
@@ -143,6 +146,7 @@ def discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
         np.logical_not(row < value, out=keep[item])  # keeps the ties, and NaN (sorted last)
         below = flat.shape[1] - np.count_nonzero(keep[item])
         keep[item, np.flatnonzero(row == value)[: count - below]] = False
-    keep[:, 0] = True  # never the class token's own attention
+    if spare_first:
+        keep[:, 0] = True  # never the class token's own attention
     np.multiply(flat, keep, out=flat)  # a multiply by 0/1 is much faster than a masked store
     return fused

@@ -138,7 +138,11 @@ class Explainer:
         workers = max(1, min(8, threads or os.cpu_count() or 1))
         self.scheduler = Scheduler(workers, graph_batch, self.session.uses_cuda)
         self.fuse_in_graph = self.session.uses_cuda if fuse_in_graph is None else bool(fuse_in_graph)
-        self.layout = TokenLayout(
+        # A windowed model (Swin) has per-block maps of different shapes: no graph fusion, and
+        # its layout (stages, windows, shifts) goes to the methods' windowed maths.
+        self.windowed = self.metadata.windows is not None
+        self.fuse_in_graph = self.fuse_in_graph and not self.windowed
+        self.layout = self.session.window_layout or TokenLayout(
             self.metadata.num_prefix_tokens, self.metadata.has_class_token, self.metadata.seed_weights
         )
         self.device_path = choose_device_path(self.session, method_in_graph)
@@ -255,7 +259,7 @@ class Explainer:
             )
         if top1 and self.metadata.output_kind == "logits":
             categories = tuple(int(i) for i in logits.argmax(axis=1))  # the graph's choice: the first maximum
-        relevance, grid = record.relevance, self.metadata.grid_size
+        relevance, grid = record.relevance_for(self.windowed), self.metadata.grid_size
 
         def masks_for(items: slice) -> np.ndarray:
             return rows_to_masks(relevance(maps_of(items), settings, self.layout), grid)

@@ -14,6 +14,7 @@ import onnx
 
 from ..errors import ModelFileError
 from ..metadata import INPUT_CLASS_WEIGHTS, INPUT_PIXELS, OUTPUT_ATTENTIONS, OUTPUT_LOGITS, MetadataError, ModelMetadata
+from ..windowing import WindowLayoutError, layout_of
 
 __all__ = ["check_external_data", "check_graph_shapes"]
 
@@ -83,6 +84,14 @@ def check_graph_shapes(meta: ModelMetadata, model: onnx.ModelProto) -> None:
             raise _mismatch("num_outputs", meta.num_outputs, f"{name!r} width", dims[1:])
     meta.check_class_names()
     attentions = shapes[OUTPUT_ATTENTIONS]
+    try:
+        layout = layout_of(meta)
+    except WindowLayoutError as exc:
+        raise MetadataError(str(exc)) from None
+    if layout is not None:  # windowed (Swin): every block's windows packed per image
+        if len(attentions) != 2 or attentions[1] != layout.packed_values:
+            raise _mismatch("windows", f"{layout.packed_values} attention values per image", "attentions", attentions)
+        return
     if len(attentions) != 5:
         raise MetadataError(f"the graph's attentions are {_shown(attentions)}, not [layers, batch, heads, tokens, tokens]")
     layers, _, heads, rows, columns = attentions

@@ -31,6 +31,8 @@ from ..metadata import (
     ModelMetadata,
 )
 from ..methods.registry import get_method
+from ..methods.windowed import unpack
+from ..windowing import layout_of
 from .file_checks import check_external_data, check_graph_shapes
 
 __all__ = [
@@ -120,6 +122,7 @@ class ModelSession:
         self.method_graph_declines = unsupported_layout(
             self.metadata, next((o for o in model.graph.output if o.name == OUTPUT_ATTENTIONS), None)
         )
+        self.window_layout = layout_of(self.metadata)  # a windowed model's (Swin), checked above
         del model
         self._sessions: dict[tuple[SessionKind, bool], ort.InferenceSession] = {}
         #: Per session kind, the output names of each stacked output's layers (None: kept stacked).
@@ -283,13 +286,21 @@ class ModelSession:
             names.extend(layers[group] or [group])
         values = iter(self._run(session, feeds, names))
         logits = next(values)
-        per_group = [[next(values) for _ in layers[group]] if layers[group] else list(next(values)) for group in groups]
+        per_group = [[next(values) for _ in layers[group]] if layers[group] else self._layers_of(next(values)) for group in groups]
         return LayerOutputs(logits, per_group[0], per_group[1] if with_gradients else None)
+
+    def _layers_of(self, stacked: np.ndarray) -> list[np.ndarray]:
+        """A stacked output's layers: ``[L, B, ...]`` split on its first axis or, for a windowed
+        model, the packed ``[B, values]`` split into its blocks (:func:`~vit_explain.methods.windowed.unpack`)."""
+        return list(stacked) if self.window_layout is None else unpack(stacked, self.window_layout)
 
     def run(
         self, pixel_values: np.ndarray, class_weights: np.ndarray | None = None, single_thread: bool = False
     ) -> GraphOutputs:
-        """:meth:`run_layers` with the layers stacked, ``[L, B, heads, N, N]``, as the file's outputs."""
+        """:meth:`run_layers` with the layers stacked, ``[L, B, heads, N, N]``, as the file's outputs
+        (not for a windowed model, whose blocks differ in shape: use :meth:`run_layers`)."""
+        if self.metadata.windows is not None:
+            raise ValueError("a windowed model's blocks differ in shape and cannot be stacked: use run_layers")
         outputs = self.run_layers(pixel_values, class_weights, single_thread)
         gradients = None if outputs.gradients is None else np.stack(outputs.gradients)
         return GraphOutputs(outputs.logits, np.stack(outputs.attentions), gradients)
