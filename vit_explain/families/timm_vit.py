@@ -175,6 +175,17 @@ def class_names_for(model: nn.Module, num_outputs: int, names_file: Path | None 
         return ()
 
 
+def _averages_distillation_head(model: nn.Module, pooling: str) -> bool:
+    """timm's distilled DeiT (``VisionTransformerDistilled``) averages its class and distillation
+    heads in eval mode, unless it was set to return both for distillation training."""
+    return (
+        pooling == "token"
+        and isinstance(getattr(model, "head_dist", None), nn.Module)
+        and not getattr(model, "distilled_training", False)
+        and int(getattr(model, "num_prefix_tokens", 0)) >= 2
+    )
+
+
 def _unsupported(model: nn.Module, reason: str) -> ExportError:
     return ExportError(f"{type(model).__name__} is not supported yet: {reason}")
 
@@ -222,7 +233,13 @@ class TimmViT(ModelFamily):
         )
 
     def head_reading(self, model: nn.Module) -> HeadReading:
-        return HeadReading(pooling=pooling_of(model), has_class_token=reads_class_token(model))
+        pooling = pooling_of(model)
+        if _averages_distillation_head(model, pooling):
+            # Distilled DeiT at inference: (head(class token) + head_dist(distillation token)) / 2.
+            weights = [0.0] * (int(model.num_prefix_tokens) + 1)
+            weights[0] = weights[1] = 0.5
+            return HeadReading(pooling=pooling, has_class_token=True, seed_weights=tuple(weights))
+        return HeadReading(pooling=pooling, has_class_token=reads_class_token(model))
 
     def outputs(self, model: nn.Module) -> tuple[int, str]:
         num_classes = int(getattr(model, "num_classes", 0) or 0)
