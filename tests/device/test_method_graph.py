@@ -191,3 +191,16 @@ def test_a_layout_field_it_was_not_written_for_declines(export_family, monkeypat
 
     monkeypatch.setattr(method_graph, "TokenLayout", SeededLayout)
     assert "seed_kind" in method_graph.unsupported_layout(meta, stacked)
+
+
+def test_a_windowed_model_runs_the_numpy_path(export_family):
+    """Swin's files carry a ``windows`` layout: the in-graph maths (one stacked map per layer over
+    the same tokens) declines them by that field's value, while plain ViT files (windows None) run."""
+    import dataclasses
+
+    meta = export_family("deit").metadata
+    tokens = meta.num_tokens
+    stacked = helper.make_tensor_value_info(OUTPUT_ATTENTIONS, TensorProto.FLOAT, [meta.num_layers, "b", 3, tokens, tokens])
+    assert meta.windows is None and unsupported_layout(meta, stacked) is None
+    windowed = dataclasses.replace(meta, windows={"stages": []})
+    assert "windows" in unsupported_layout(windowed, stacked)

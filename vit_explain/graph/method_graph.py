@@ -61,7 +61,7 @@ IN_GRAPH_METHODS = tuple(METHODS)
 _KNOWN_METADATA = frozenset({
     "source_model", "weights", "weights_sha256", "preprocess", "patch_size", "grid_size", "num_prefix_tokens",
     "has_class_token", "num_layers", "num_heads", "num_outputs", "output_kind", "opset", "package_version",
-    "class_names", "pooling", "format_version", "extra", "seed_weights",
+    "class_names", "pooling", "format_version", "extra", "seed_weights", "windows",
 })
 #: The seed row is the numpy path's own (:meth:`TokenLayout.seed`, a constant of the graph), so any
 #: seed these fields describe is followed exactly.
@@ -85,6 +85,8 @@ def unsupported_layout(metadata: ModelMetadata, attentions: onnx.ValueInfoProto 
     ``[L, B, heads, N, N]``, the prefix tokens first, read by the class token or the mean of the
     patch rows. Anything else (windowed blocks, token counts that change between blocks, fields
     of the metadata it has not met) runs the numpy path instead."""
+    if getattr(metadata, "windows", None) is not None:
+        return "its blocks attend within windows (Swin), which the in-graph maths does not follow"
     if attentions is None:
         return "the graph has no stacked attentions output"
     dims = attentions.type.tensor_type.shape.dim
