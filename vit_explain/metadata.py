@@ -9,9 +9,7 @@ A file may come from another machine or team, so what it says is checked before 
 sized from it: :meth:`ModelMetadata.check_fields` (each field's type and range, known names),
 :meth:`ModelMetadata.check_layout` (the patch grid against input and patch size); the runtime
 then checks the rest against the graph itself. A bad field is one :class:`MetadataError` line
-that names it, never a traceback or a garbage mask.
-
-This module imports neither torch nor onnx: the runtime depends on it.
+that names it, never a traceback or a garbage mask. No torch or onnx here: the runtime needs it.
 """
 
 from __future__ import annotations
@@ -213,11 +211,14 @@ class ModelMetadata:
         if not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
             raise _field_error("class_names", names, "must be a list of strings")
 
-    def _check_seed_weights(self) -> None:
-        weights, count = self.seed_weights, self.num_prefix_tokens + 1
-        if weights is not None and not (isinstance(weights, tuple) and len(weights) == count
-                                        and all(_is_number(w) and w >= 0 for w in weights) and sum(weights) > 0):
-            raise _field_error("seed_weights", weights, f"must be {count} numbers >= 0, not all 0 (prefix tokens, patch mean)")
+    def _check_seed_weights(self) -> None:  # values; the count once num_prefix_tokens matched the graph
+        w = self.seed_weights
+        if w is not None and not (isinstance(w, tuple) and all(_is_number(v) and v >= 0 for v in w) and sum(w) > 0):
+            raise _field_error("seed_weights", w, "must be numbers >= 0, not all 0 (prefix tokens, patch mean)")
+
+    def check_seed_count(self) -> None:
+        if self.seed_weights is not None and len(self.seed_weights) != self.num_prefix_tokens + 1:
+            raise _field_error("seed_weights", self.seed_weights, f"must be {self.num_prefix_tokens + 1} numbers (prefixes, patch mean)")
 
     def check_class_names(self) -> None:
         """None (the runtime then says "class N") or exactly one name per output: two names for

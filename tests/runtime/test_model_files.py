@@ -99,6 +99,9 @@ BAD_FIELDS = [
     ("grid_size", "6x8"),  # was a tuple of characters
     ("preprocess.mean", 0.5),  # was a TypeError about iteration, no field named
     ("weights_sha256", 12345),
+    ("seed_weights", [0.5, 0.5, 0, 0]),  # 4 weights for 2 prefix tokens + the patch mean
+    ("seed_weights", [0, 0, 0]),  # a seed of nothing: an all-zero mask
+    ("seed_weights", [1, -1, 1]),
 ]
 
 

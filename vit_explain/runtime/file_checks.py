@@ -105,3 +105,4 @@ def check_graph_shapes(meta: ModelMetadata, model: onnx.ModelProto) -> None:
             "num_prefix_tokens", f"{meta.num_prefix_tokens} (with the {grid} grid: {meta.num_tokens} tokens)",
             "attention token count", [rows],
         )
+    meta.check_seed_count()
