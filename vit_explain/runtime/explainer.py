@@ -127,7 +127,7 @@ class Explainer:
 
         ``method_in_graph`` (default: on CUDA only): the whole method runs inside the graph
         (:mod:`.device_path`), so only logits and masks leave the device. On a CPU the numpy
-        path stays the default: measured no faster there (docs/drafts/gpu.md). A model whose
+        path stays the default: measured no faster there (docs/gpu.md). A model whose
         layout the in-graph maths does not know runs the numpy path, with a log line."""
         self.session = ModelSession(path, device=device, threads=threads)
         self.metadata: ModelMetadata = self.session.metadata
