@@ -19,6 +19,12 @@ from ..errors import VitExplainError
 #: The CLI's own progress lines; the library's modules log under "vit_explain.<module>".
 logger = logging.getLogger("vit_explain.cli")
 
+#: ``--device``, one definition for every command that opens a model.
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    help="Where onnxruntime runs: auto takes CUDA when onnxruntime-gpu and a GPU are there.",
+)
+
 
 class _StderrLines(logging.Handler):
     """Each record as its bare message on stderr, the lines users saw before there was logging;

@@ -13,7 +13,7 @@ import click
 
 from ..errors import VitExplainError
 from ..methods import HEAD_FUSIONS, METHOD_NAMES  # the registry imports no numpy: --help stays fast
-from .common import bad_settings, check_categories, fail, logger, open_explainer, set_quiet
+from .common import bad_settings, check_categories, device_option, fail, logger, open_explainer, set_quiet
 
 
 @click.command()
@@ -34,8 +34,7 @@ from .common import bad_settings, check_categories, fail, logger, open_explainer
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-map baseline.")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vit-explain-eval"), show_default=True,
               help="Folder for evaluation.csv, evaluation.json and evaluation.png.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where onnxruntime runs: auto takes CUDA when onnxruntime-gpu and a GPU are there.")
+@device_option
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [default: onnxruntime's choice].")
 @click.option("-q", "--quiet", is_flag=True, help="Only the table of results, no progress messages.")
 def evaluate(inputs, model, methods, head_fusion, discard_ratio, start_layer, category_index, steps, batch_size, seed,

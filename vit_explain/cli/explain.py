@@ -20,7 +20,7 @@ import click
 from ..atomic import probe_writable
 from ..errors import OutputError, VitExplainError
 from ..methods import HEAD_FUSIONS, METHOD_NAMES  # the registry imports no numpy: --help stays fast
-from .common import LINES, bad_settings, check_categories, fail, logger, open_explainer, set_quiet
+from .common import LINES, bad_settings, check_categories, device_option, fail, logger, open_explainer, set_quiet
 
 
 @click.command()
@@ -45,8 +45,7 @@ from .common import LINES, bad_settings, check_categories, fail, logger, open_ex
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Weight of the heat map in the overlay.")
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist (default: skip them, so a rerun resumes).")
 @click.option("--report", is_flag=True, help="Also write report.html and contact_sheet.png in the output directory.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where onnxruntime runs: auto takes CUDA when onnxruntime-gpu and a GPU are there.")
+@device_option
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [default: onnxruntime's choice].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-image messages.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),

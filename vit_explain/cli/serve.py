@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import VitExplainError
-from .common import fail, logger, set_quiet
+from .common import device_option, fail, logger, set_quiet
 
 
 @click.command()
@@ -34,8 +34,7 @@ from .common import fail, logger, set_quiet
               help="Largest image (width x height), from its header. [default: Pillow's limit, 178956970]")
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Per request, from admission to answer (504 beyond).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where onnxruntime runs: auto takes CUDA when onnxruntime-gpu and a GPU are there.")
+@device_option
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per model [default: every core].")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 def serve(models, host, port, max_batch, max_delay_ms, max_queue, max_body_mb, max_images, max_pixels, timeout_s,
