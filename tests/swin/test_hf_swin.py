@@ -27,8 +27,8 @@ from vit_explain.methods.windowed import slot_tokens  # noqa: E402
 from vit_explain.runtime import Explainer  # noqa: E402
 from vit_explain.windowing import layout_of  # noqa: E402
 
-#: An export of its own (a few minutes on the shared 2-core machine): the full suite runs it.
-pytestmark = pytest.mark.slow
+#: The tests on the exported file share one export (~40 s on the shared 2-core machine): slow.
+slow = pytest.mark.slow
 
 TOLERANCE = 1e-5
 HF_SWIN_FAMILY = HFFamily(
@@ -57,6 +57,7 @@ def _inputs(batch: int, seed: int):
     return pixels, classes, weights
 
 
+@slow
 def test_the_file_says_pad_before_shift_and_the_slots_follow_transformers(exported):
     model, result, _ = exported
     layout = layout_of(result.metadata)
@@ -71,6 +72,7 @@ def test_the_file_says_pad_before_shift_and_the_slots_follow_transformers(export
             assert not np.array_equal(ours, slot_tokens(grid, spec.window, spec.shift, False))
 
 
+@slow
 @pytest.mark.parametrize("seed, batch", [(0, 1), (1, 3)])
 def test_graph_matches_eager_transformers(exported, seed, batch, parity_record):
     model, _, explainer = exported
@@ -87,14 +89,17 @@ def test_graph_matches_eager_transformers(exported, seed, batch, parity_record):
     assert max(float(np.abs(g).max()) for g in gradients) > 0
 
 
+@slow
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("method, fusion, discard", [
     ("rollout", "max", 0.9), ("rollout", "mean", 0.0), ("rollout", "min", 0.5),
-    ("grad_rollout", "mean", 0.9), ("grad_rollout", "max", 0.0), ("gae", None, None), ("attention", "mean", None),
+    ("grad_rollout", "mean", 0.9), ("grad_rollout", "max", 0.0), ("grad_rollout", "min", 0.5), ("gae", None, None),
+    ("attention", "mean", None), ("attention", "max", None), ("attention", "min", None),
 ])
-def test_explainer_masks_match_the_dense_reference(exported, method, fusion, discard, parity_record):
+def test_explainer_masks_match_the_dense_reference(exported, method, fusion, discard, batch, parity_record):
     model, _, explainer = exported
     structure = hf_structure(model)
-    pixels, classes, weights = _inputs(3, 7)
+    pixels, classes, weights = _inputs(batch, 7)
     result = explainer.explain(pixels.numpy(), method, fusion, discard, classes if method in ("grad_rollout", "gae") else None)
     graph = explainer.session.run_layers(pixels.numpy(), weights.numpy())
     reference = dense_swin_rows(structure, graph.attentions, graph.gradients, method, result.head_fusion, discard or 0.0)

@@ -13,6 +13,9 @@ stage's tokens. Swin V2 (``swinv2``) is not in the model-type table and is refus
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -36,6 +39,13 @@ def _swin(model: HFVisionModel) -> nn.Module:
 
 def _blocks(model: HFVisionModel) -> list[nn.Module]:
     return [block for stage in _swin(model).encoder.layers for block in stage.blocks]
+
+
+class _TokenMean(nn.Module):
+    """``AdaptiveAvgPool1d(1)`` on ``[B, C, L]``: the mean over ``L``, kept as a dimension."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=-1, keepdim=True)
 
 
 class HFSwin(HFTransformers):
@@ -96,6 +106,37 @@ class HFSwin(HFTransformers):
                                "heads": int(block.attention.num_attention_heads)})
             height, width = (height + 1) // 2, (width + 1) // 2
         return {"stage_grids": grids, "blocks": blocks, "merge": "2x2", "pad_before_shift": True}
+
+    @contextlib.contextmanager
+    def traced(self, model: nn.Module, example_pixels: torch.Tensor) -> Iterator[bool]:
+        """The input's height and width fixed to ints while tracing. The trace is symbolic in every
+        input dimension, and transformers' Swin reads its grid from the tensor's shape (timm's from
+        ints): left symbolic, every pad, roll and window partition builds a larger sympy expression
+        in them, and tracing even a tiny model did not end. The file's input size is fixed, so only
+        the batch is left symbolic (a guard on the size, the same graph).
+
+        And the pooler (``AdaptiveAvgPool1d(1)``) as the mean it is: decomposed, its backward
+        restrides with ``as_strided_scatter``, which has no ONNX translation."""
+        swin = _swin(model)
+        embeddings = swin.embeddings
+        height, width = model.image_size
+        forward = embeddings.forward
+
+        def fixed_size(pixel_values: torch.Tensor, *args, **kwargs):
+            torch._check(pixel_values.shape[2] == height)
+            torch._check(pixel_values.shape[3] == width)
+            return forward(pixel_values, *args, **kwargs)
+
+        pooler = swin.pooler
+        with super().traced(model, example_pixels) as rewritten:
+            embeddings.forward = fixed_size
+            if pooler is not None:
+                swin.pooler = _TokenMean()
+            try:
+                yield rewritten or pooler is not None
+            finally:
+                del embeddings.forward
+                swin.pooler = pooler
 
     def pack(self, model: nn.Module, maps: list[torch.Tensor]) -> torch.Tensor:
         """As timm's Swin: each block's ``[B * windows, heads, a, a]`` as ``[B, values]``, concatenated."""
