@@ -9,7 +9,8 @@ The layout, as the definition in the README states it: the tokens of stage ``s``
 merging: merged token ``(i, j)`` is built from the four tokens ``(2i + p, 2j + q)`` of stage
 ``s``, so ``H_{s+1} = ceil(H_s / 2)`` (an odd grid is padded first, as timm does). Each block of a
 stage cyclically shifts its grid by ``-shift`` (timm's ``torch.roll``), pads it at the bottom and
-right to whole windows, and attends within each ``window`` of that padded grid.
+right to whole windows, and attends within each ``window`` of that padded grid (transformers
+pads first and rolls the padded grid: ``pad_before_shift``).
 
 The graph returns each block's attention per image as ``[windows, heads, w*w, w*w]`` (windows in
 row-major order of the padded, shifted grid), flattened and concatenated in block order into one
@@ -53,6 +54,8 @@ class WindowedLayout:
 
     stage_grids: tuple[tuple[int, int], ...]
     blocks: tuple[WindowBlock, ...]
+    #: timm rolls the grid, then pads it; transformers pads, then rolls the padded grid.
+    pad_before_shift: bool = False
 
     # -- derived sizes -------------------------------------------------------------------
     def grid(self, block: int) -> tuple[int, int]:
@@ -119,6 +122,7 @@ class WindowedLayout:
                 for b in self.blocks
             ],
             "merge": "2x2",
+            "pad_before_shift": self.pad_before_shift,
         }
 
     @classmethod
@@ -159,7 +163,10 @@ class WindowedLayout:
             blocks.append(WindowBlock(stage, window, shift, heads))
         if blocks[0].stage != 0 or blocks[-1].stage != len(grids) - 1:
             raise WindowLayoutError("the blocks must start in stage 0 and end in the last stage")
-        return cls(grids, tuple(blocks))
+        pad_first = raw.get("pad_before_shift", False)
+        if not isinstance(pad_first, bool):
+            raise WindowLayoutError(f"'pad_before_shift' must be true or false (got {pad_first!r})")
+        return cls(grids, tuple(blocks), pad_first)
 
 
 def layout_of(meta: Any) -> WindowedLayout | None:

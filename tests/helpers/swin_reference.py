@@ -11,6 +11,7 @@ imported by torch-free tests too).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,15 +36,63 @@ def slot_ids(block) -> np.ndarray:
     return window_partition(ids, (wh, ww)).reshape(-1, wh * ww).long().numpy()
 
 
-def eager_maps(model, pixels, class_weights=None):
+def hf_slot_ids(block, grid: tuple[int, int]) -> np.ndarray:
+    """As :func:`slot_ids` for a transformers ``SwinLayer`` on ``grid``, with transformers' own
+    operations: its window clamping, ``maybe_pad`` (before the shift), ``cyclic_shift`` and
+    ``window_partition``."""
+    import torch
+    from transformers.models.swin.modeling_swin import window_partition
+
+    block.set_shift_and_window_size(grid)
+    ids = torch.arange(grid[0] * grid[1], dtype=torch.float64).reshape(1, grid[0], grid[1], 1)
+    padded, _ = block.maybe_pad(ids + 1, grid[0], grid[1])  # padding -> 0, then -1 below
+    windows = window_partition(block.cyclic_shift(padded), int(block.window_size)) - 1
+    return windows.reshape(windows.shape[0], -1).long().numpy()
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Where every block's window slots sit, which stage each block is in, and the stage grids."""
+
+    ids: list[np.ndarray]
+    stage_of: list[int]
+    grids: list[tuple[int, int]]
+
+
+def timm_structure(model) -> Structure:
+    return Structure(
+        [slot_ids(block) for block in swin_blocks(model)],
+        [index for index, stage in enumerate(model.layers) for _ in stage.blocks],
+        [tuple(stage.blocks[0].input_resolution) for stage in model.layers],
+    )
+
+
+def hf_structure(wrapped) -> Structure:
+    """The structure of a wrapped transformers Swin (``HFVisionModel``), stage grids by ceil(/2)."""
+    swin = getattr(wrapped.model, "swin", wrapped.model)
+    grid = tuple(swin.embeddings.patch_embeddings.grid_size)
+    ids, stage_of, grids = [], [], []
+    for index, stage in enumerate(swin.encoder.layers):
+        grids.append(grid)
+        for block in stage.blocks:
+            ids.append(hf_slot_ids(block, grid))
+            stage_of.append(index)
+        grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+    return Structure(ids, stage_of, grids)
+
+
+def eager_maps(model, pixels, class_weights=None, recorder=None):
     """Logits and each block's attention (and gradient) ``[B, windows, heads, a, a]`` float32 from
-    the eager model, through the same taps the exporter traces."""
+    the eager model, through the same taps the exporter traces (timm's hooks unless ``recorder``,
+    e.g. the transformers adapter's taps, is given)."""
     import torch
 
     from vit_explain.eager import AttentionRecorder
 
     batch = pixels.shape[0]
-    with AttentionRecorder(model, capture_gradients=class_weights is not None) as recorder:
+    if recorder is None:
+        recorder = AttentionRecorder(model, capture_gradients=class_weights is not None)
+    with recorder:
         recorder.reset()
         with torch.enable_grad():
             x = pixels.detach().clone().requires_grad_(class_weights is not None)
@@ -116,12 +165,13 @@ def dense_swin_rows(
     discard_ratio: float = 0.0,
     start_layer: int = 0,
 ) -> np.ndarray:
-    """The unscaled mask row ``seed . a_L ... P ... a_K . P ...`` over the first stage, ``[B, N_0]``."""
+    """The unscaled mask row ``seed . a_L ... P ... a_K . P ...`` over the first stage, ``[B, N_0]``.
+    ``model``: a timm Swin, or a :class:`Structure` (:func:`hf_structure`)."""
     import torch
 
-    blocks = swin_blocks(model)
-    stage_of = [index for index, stage in enumerate(model.layers) for _ in stage.blocks]
-    grids = [tuple(stage.blocks[0].input_resolution) for stage in model.layers]
+    structure_ = model if isinstance(model, Structure) else timm_structure(model)
+    stage_of, grids = structure_.stage_of, structure_.grids
+    blocks = structure_.ids
     batch = attentions[0].shape[0]
     chain = None  # the product so far, [N_last, N_current]
     last = len(grids) - 1
@@ -141,7 +191,7 @@ def dense_swin_rows(
             fused = _fuse(a * g, head_fusion).clamp(min=0)
         else:
             fused = _fuse(a, head_fusion)
-        ids = slot_ids(blocks[index])
+        ids = blocks[index]
         dense = dense_map(fused, ids, tokens)
         eye = torch.eye(tokens, dtype=torch.float64)
         if method in ("rollout", "grad_rollout"):

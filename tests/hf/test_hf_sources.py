@@ -51,7 +51,8 @@ def test_export_a_save_pretrained_folder_then_info_and_explain(tmp_path, monkeyp
 @pytest.mark.parametrize(
     ("config", "words"),
     [
-        (lambda: transformers.SwinConfig(), "'swin' is not supported (supported: beit, deit, dinov2, dinov2_with_registers, vit)"),
+        (lambda: transformers.Swinv2Config(),
+         "'swinv2' is not supported (supported: beit, deit, dinov2, dinov2_with_registers, swin, vit)"),
         (lambda: transformers.CLIPVisionConfig(), "'clip_vision_model' is not supported (supported: beit, deit"),
         (lambda: transformers.ViTConfig(architectures=["ViTForMaskedImageModeling"]),
          "ViTForMaskedImageModeling is not supported (for model type 'vit': ViTModel, ViTForImageClassification)"),

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import ExportError
 from .base import HeadReading, ModelFamily, ModelSpec, TokenLayout
+from .hf_swin import HF_SWIN, is_hf_swin
 from .hf_vit import HFTransformers
 from .timm_swin import SWIN, timm_family_for
 from .timm_vit import TimmViT
@@ -26,19 +27,21 @@ __all__ = [
 
 #: Adapters by :attr:`ModelSpec.family`.
 FAMILIES: dict[str, ModelFamily] = {
-    family.name: family for family in (TimmViT(), SWIN, HFTransformers(), TorchvisionViT())
+    family.name: family for family in (TimmViT(), SWIN, HFTransformers(), HF_SWIN, TorchvisionViT())
 }
 
 
 def family_for(spec: ModelSpec, model: nn.Module | None = None) -> ModelFamily:
     """The adapter ``spec`` names; refused with the known ones otherwise. With the built
-    ``model``, timm's adapter is the one for its architecture (Swin v1, or the ViT one; other
-    windowed models are refused with the reason)."""
+    ``model``, timm's and transformers' adapter is the one for its architecture (Swin v1, or
+    the ViT one; other windowed timm models are refused with the reason)."""
     family = FAMILIES.get(spec.family)
     if family is None:
         raise ExportError(f"unknown model family {spec.family!r} (known: {', '.join(sorted(FAMILIES))})")
     if model is not None and spec.family == "timm":
         family = timm_family_for(model, family)
+    elif model is not None and spec.family == "hf" and is_hf_swin(model):
+        family = HF_SWIN
     return family
 
 

@@ -3,7 +3,7 @@ that makes such a model look like the others to the exporter.
 
 A transformers config names its ``model_type``; :data:`HF_TYPES` says, per type, which classes
 are supported and how each one's output reads the tokens (the rollout seed). Any other type
-(Swin, CLIP, ...) is refused with one line naming the supported ones: a model type is added
+(Swin V2, CLIP, ...) is refused with one line naming the supported ones: a model type is added
 here, with its parity test, or not at all.
 
 :class:`HFVisionModel` wraps the transformers model so that ``model(pixels)`` returns one tensor
@@ -25,8 +25,9 @@ __all__ = ["HFType", "HF_TYPES", "HFVisionModel", "hf_type_for", "supported_type
 #: How a class's output reads the final token states:
 #: "cls" the class token; "cls+dist" the average of the class and distillation heads (DeiT with
 #: teacher); "cls+mean" ``[class token, mean of the patch tokens]`` (DINOv2's classifier);
-#: "pooler" BEiT's pooler (the patch tokens' mean when ``use_mean_pooling``, else the class token).
-READINGS = ("cls", "cls+dist", "cls+mean", "pooler")
+#: "pooler" BEiT's pooler (the patch tokens' mean when ``use_mean_pooling``, else the class token);
+#: "mean" the mean of the (last stage's) tokens (Swin's pooler).
+READINGS = ("cls", "cls+dist", "cls+mean", "pooler", "mean")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class HFType:
         return (self.backbone, *self.classifiers)
 
 
-#: The one table of supported transformers model types (Swin and CLIP are refused until added).
+#: The one table of supported transformers model types (Swin V2 and CLIP are refused until added).
 HF_TYPES: dict[str, HFType] = {
     t.model_type: t
     for t in (
@@ -64,6 +65,8 @@ HF_TYPES: dict[str, HFType] = {
                backbone_reading="pooler"),
         HFType("dinov2", "Dinov2Model", {"Dinov2ForImageClassification": "cls+mean"},
                default_processor="BitImageProcessor", interpolate_kwarg=False),
+        # windowed (shifted windows, patch merging): its own adapter, families/hf_swin.py
+        HFType("swin", "SwinModel", {"SwinForImageClassification": "mean"}, backbone_reading="mean"),
         HFType("dinov2_with_registers", "Dinov2WithRegistersModel",
                {"Dinov2WithRegistersForImageClassification": "cls+mean"},
                default_processor="BitImageProcessor", register_tokens=True, interpolate_kwarg=False),

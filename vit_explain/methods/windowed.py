@@ -48,18 +48,26 @@ RowStep = Callable[[np.ndarray], np.ndarray]
 
 
 @lru_cache(maxsize=64)
-def slot_tokens(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
+def slot_tokens(
+    grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_before_shift: bool = False
+) -> np.ndarray:
     """``[windows, w*w]`` int64: the original token (row-major index in ``grid``) at each window
     slot of a block, ``N`` (one past the last token) for a padded slot.
 
     timm rolls the grid by ``-shift`` (``shifted[r] = x[(r + shift) % H]``), pads it at the bottom
-    and right to whole windows, and partitions it into windows in row-major order."""
+    and right to whole windows, and partitions it into windows in row-major order; transformers
+    (``pad_before_shift``) pads first and rolls the padded grid (``% H_padded``)."""
     (rows, columns), (wh, ww), (sh, sw) = grid, window, shift
     padded_rows, padded_columns = -(-rows // wh) * wh, -(-columns // ww) * ww
     r = np.arange(padded_rows)[:, None]
     c = np.arange(padded_columns)[None, :]
-    tokens = ((r + sh) % rows) * columns + (c + sw) % columns
-    tokens = np.where((r < rows) & (c < columns), tokens, rows * columns)
+    if pad_before_shift:
+        source_r, source_c = (r + sh) % padded_rows, (c + sw) % padded_columns
+        real = (source_r < rows) & (source_c < columns)
+    else:
+        source_r, source_c = (r + sh) % rows, (c + sw) % columns
+        real = (r < rows) & (c < columns)
+    tokens = np.where(real, source_r * columns + source_c, rows * columns)
     windows = tokens.reshape(padded_rows // wh, wh, padded_columns // ww, ww).transpose(0, 2, 1, 3)
     result = np.ascontiguousarray(windows.reshape(-1, wh * ww))
     result.setflags(write=False)
@@ -67,11 +75,13 @@ def slot_tokens(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int
 
 
 @lru_cache(maxsize=64)
-def discard_candidates(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
+def discard_candidates(
+    grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_before_shift: bool = False
+) -> np.ndarray:
     """Flat positions (in one image's ``[windows, w*w, w*w]`` fused map) of the ``K`` in-window
     entries of ``M`` (both tokens real), ordered as ``M`` is read row by row: ``i * N + j``. The
     discard's tie-break ("the first ones in row order") is then the ViT path's."""
-    slots = slot_tokens(grid, window, shift)
+    slots = slot_tokens(grid, window, shift, pad_before_shift)
     tokens = grid[0] * grid[1]
     rows = np.broadcast_to(slots[:, :, None], (*slots.shape, slots.shape[1]))
     columns = np.broadcast_to(slots[:, None, :], rows.shape)
@@ -193,10 +203,11 @@ def windowed_rows(
                 stage -= 1
             grid = grids[stage]
             tokens = grid[0] * grid[1]
-            slots = slot_tokens(grid, spec.window, spec.shift)
+            where = (grid, spec.window, spec.shift, layout.pad_before_shift)
+            slots = slot_tokens(*where)
             fused = _placed(fused_blocks(block), slots, tokens)
             if discard_ratio:
-                _discarded(fused, discard_candidates(grid, spec.window, spec.shift), discard_ratio)
+                _discarded(fused, discard_candidates(*where), discard_ratio)
             yield _window_step(fused, slots, tokens, kind)
         while stage > 0:
             yield _merge_step(grids[stage - 1], grids[stage])
