@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
-    "first_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "OutputError",
+    "first_line", "one_line", "VitExplainError", "ModelFileError", "DeviceError", "ImageError", "OutputError",
     "ExportError", "WeightsUnavailableError", "ParityError",
 ]
 
@@ -39,6 +39,14 @@ class WeightsUnavailableError(ExportError):
 
 class ParityError(ExportError):
     """The exported graph disagrees with the eager PyTorch model beyond tolerance: nothing is saved."""
+
+
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """The whole reason an exception gives, its whitespace squeezed onto one line (its type when
+    empty), cut at ``limit`` characters when given: Pillow's and pyarrow's messages are short but
+    may hold newlines."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if limit is None else text[:limit]
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..discovery import discover_images
-from ..errors import VitExplainError
+from ..errors import VitExplainError, one_line
 from ..outputs.naming import stem_rel
 from .sources import is_uri, list_uri, require
 
@@ -84,7 +84,7 @@ def read_manifest(manifest: str | Path) -> list[DatasetItem]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"cannot read manifest {manifest}: {getattr(exc, 'strerror', None) or exc}") from None
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors on a file that is not Parquet
-        raise ManifestError(f"cannot read manifest {manifest}: {' '.join(str(exc).split())[:200]}") from None
+        raise ManifestError(f"cannot read manifest {manifest}: {one_line(exc, 200)}") from None
     if not paths:
         raise ManifestError(f"manifest {manifest} lists no images")
     base = manifest.parent

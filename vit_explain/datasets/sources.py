@@ -15,7 +15,7 @@ from types import ModuleType
 from PIL import Image
 
 from ..discovery import PHOTO_SUFFIXES
-from ..errors import ImageError, VitExplainError
+from ..errors import ImageError, VitExplainError, one_line
 from ..runtime.images import load_image, load_image_bytes
 
 __all__ = ["MissingExtraError", "is_uri", "list_uri", "read_bytes", "read_image", "require"]
@@ -45,7 +45,7 @@ def _filesystem(uri: str):
     try:
         return fs.FileSystem.from_uri(uri)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
-        raise ImageError(f"cannot read image {uri}: {' '.join(str(exc).split())}") from exc
+        raise ImageError(f"cannot read image {uri}: {one_line(exc)}") from exc
 
 
 def read_bytes(path: str, label: str | None = None) -> bytes:
@@ -62,13 +62,13 @@ def read_bytes(path: str, label: str | None = None) -> bytes:
         except PermissionError:
             raise ImageError(f"cannot read image {label}: permission denied") from None
         except OSError as exc:
-            raise ImageError(f"cannot read image {label}: {' '.join(str(exc).split())}") from None
+            raise ImageError(f"cannot read image {label}: {one_line(exc)}") from None
     filesystem, inner = _filesystem(path)
     try:
         with filesystem.open_input_file(inner) as handle:
             return handle.readall()
     except Exception as exc:  # noqa: BLE001 - one line whatever the store says
-        raise ImageError(f"cannot read image {label}: {' '.join(str(exc).split())[:200]}") from exc
+        raise ImageError(f"cannot read image {label}: {one_line(exc, 200)}") from exc
 
 
 def read_image(path: str) -> Image.Image | ImageError:

@@ -27,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from vit_explain.errors import ImageError
+from vit_explain.errors import ImageError, one_line
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "BACKGROUND", "NOTICE_KEY", "SMALL_INPUT_FACTOR", "input_notices", "load_image", "load_image_bytes",
@@ -75,11 +75,6 @@ def _allowed_formats() -> tuple[str, ...]:
         _formats = tuple(f for f in Image.ID if f not in _EXCLUDED_FORMATS)
     return _formats
 
-
-def _one_line(exc: BaseException) -> str:
-    """The reason an exception gives, squeezed onto one line for the CLI."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _register_heif_plugin() -> None:
@@ -137,7 +132,7 @@ def load_image(
         except ImageError:
             raise
         except Exception as exc:
-            raise ImageError(f"cannot read image {label}: {_one_line(exc)}") from exc
+            raise ImageError(f"cannot read image {label}: {one_line(exc)}") from exc
     return _load_path(os.fspath(source), max_pixels, target_size)
 
 
@@ -182,11 +177,11 @@ def _load(opener: Callable[[], BinaryIO], label: str, max_pixels: int | None,
         hint = _PLUGIN_HINTS.get(os.path.splitext(label)[1].lower(), "")
         raise ImageError(f"cannot read image {label}: not an image, or a format Pillow cannot read{hint}") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"cannot read image {label}: refused, {_one_line(exc)}") from exc
+        raise ImageError(f"cannot read image {label}: refused, {one_line(exc)}") from exc
     except MemoryError as exc:
         raise ImageError(f"cannot read image {label}: out of memory while decoding it") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
-        raise ImageError(f"cannot read image {label}: {_one_line(exc)}") from exc
+        raise ImageError(f"cannot read image {label}: {one_line(exc)}") from exc
 
 
 def input_notices(image: Image.Image, model_size: tuple[int, int]) -> list[str]:
